@@ -1,0 +1,584 @@
+"""KN-consistency analysis (paper §2.1, eq. 1, Table 1, Table 4; METHODS.md §2).
+
+Given the knowledge neurons N_i of every neighbor query q_i of a fact, this module computes
+
+* ``CS1 = |∩ N_i| / |∪ N_i|`` and
+* ``CS2 = |{n ∈ ∪ N_i : n is in more than one N_i}| / |∪ N_i|``
+
+per (method, fact), splits facts into K_I (``cs2 > threshold``) and K_II (``cs2 <= threshold``)
+with a static threshold (0.1, Table 4) or Otsu's threshold computed per method, compares the
+two groups with Welch's t-test, and assembles the paper's Table 1.
+
+Inputs are two tables produced by the localization stage:
+
+``queries``
+    one row per localized query: ``method, fact_id, relation, query_id, known, prob,
+    n_neurons``. A query may have zero neurons (then it has no rows in ``neurons``).
+``neurons``
+    one row per knowledge neuron: ``method, fact_id, relation, query_id, layer, neuron,
+    attribution``.
+
+A neuron is identified by the pair ``(layer, neuron)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from knowloc.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "POPULATIONS",
+    "SCORE_COLUMNS",
+    "SKIP_EMPTY_UNION",
+    "SKIP_FEW_QUERIES",
+    "SKIP_NOT_KNOWN",
+    "SKIP_REASONS",
+    "TABLE1_COLUMNS",
+    "consistency_scores",
+    "otsu_threshold",
+    "skipped_summary",
+    "split_facts",
+    "table1",
+    "table1_markdown",
+    "welch_t",
+]
+
+#: Skip reasons, in the order the filters are applied.
+SKIP_NOT_KNOWN = "not known by the model"
+SKIP_FEW_QUERIES = "fewer than 2 queries"
+SKIP_EMPTY_UNION = "empty union"
+SKIP_REASONS: tuple[str, ...] = (SKIP_NOT_KNOWN, SKIP_FEW_QUERIES, SKIP_EMPTY_UNION)
+
+#: Accepted values of ``population``.
+POPULATIONS: tuple[str, ...] = ("known", "all")
+
+#: Columns of the table returned by :func:`consistency_scores`.
+SCORE_COLUMNS: list[str] = [
+    "method",
+    "fact_id",
+    "relation",
+    "n_queries",
+    "n_union",
+    "n_intersection",
+    "n_shared",
+    "cs1",
+    "cs2",
+    "skipped",
+]
+
+#: Columns of the table returned by :func:`table1`.
+TABLE1_COLUMNS: list[str] = [
+    "method",
+    "T",
+    "threshold",
+    "n_facts",
+    "R_I",
+    "S_I",
+    "R_II",
+    "S_II",
+    "t",
+    "p",
+    "cap_II",
+]
+
+#: Paper order of the localization methods (Dai et al., Enguehard, Chen et al.).
+_METHOD_ORDER: tuple[str, ...] = ("ig", "sig", "amig")
+
+_QUERY_COLUMNS = ("method", "fact_id", "relation", "query_id", "known")
+_NEURON_COLUMNS = ("method", "fact_id", "query_id", "layer", "neuron")
+
+Threshold = float | Literal["otsu"]
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def _require_columns(df: pd.DataFrame, columns: Iterable[str], name: str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise DataError(
+            f"the {name} table lacks column(s) {missing}; it has {list(df.columns)}. "
+            "Pass the tables written by the localization stage."
+        )
+
+
+def _method_order(methods: Iterable[str]) -> list[str]:
+    """Methods in paper order (ig, sig, amig), any others after them alphabetically."""
+    present = set(methods)
+    known = [m for m in _METHOD_ORDER if m in present]
+    return known + sorted(present - set(_METHOD_ORDER))
+
+
+def _empty_scores() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "method": pd.Series(dtype=object),
+            "fact_id": pd.Series(dtype=object),
+            "relation": pd.Series(dtype=object),
+            "n_queries": pd.Series(dtype="int64"),
+            "n_union": pd.Series(dtype="int64"),
+            "n_intersection": pd.Series(dtype="int64"),
+            "n_shared": pd.Series(dtype="int64"),
+            "cs1": pd.Series(dtype="float64"),
+            "cs2": pd.Series(dtype="float64"),
+            "skipped": pd.Series(dtype=object),
+        }
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# CS1 / CS2
+# --------------------------------------------------------------------------------------------
+def consistency_scores(
+    queries: pd.DataFrame,
+    neurons: pd.DataFrame,
+    *,
+    population: str = "known",
+) -> pd.DataFrame:
+    """KN-consistency scores CS1 and CS2 (paper eq. 1) for every (method, fact).
+
+    Args:
+        queries: one row per localized query (columns ``method, fact_id, relation,
+            query_id, known`` are used). Every query counts towards the fact, including
+            queries whose neuron set is empty.
+        neurons: one row per knowledge neuron (columns ``method, fact_id, query_id, layer,
+            neuron`` are used). Duplicate rows are counted once.
+        population: ``"known"`` (default, METHODS §2) keeps, per method, only facts whose
+            gold answer is the model's top-1 on at least one of their queries; other facts
+            are kept in the output with ``skipped = "not known by the model"``. ``"all"``
+            keeps every fact.
+
+    Returns:
+        One row per (method, fact_id), sorted by ``method`` then ``fact_id``, with columns
+        :data:`SCORE_COLUMNS`. ``n_queries`` is the number of queries of the fact,
+        ``n_union = |∪ N_i|``, ``n_intersection = |∩ N_i|``, ``n_shared`` the number of
+        neurons in more than one N_i; these counts are filled for every row. ``cs1`` and
+        ``cs2`` are NaN where ``skipped`` is not None. Reasons, checked in this order:
+        ``"not known by the model"``, ``"fewer than 2 queries"``, ``"empty union"``.
+
+    Raises:
+        ConfigError: unknown ``population``.
+        DataError: a required column is missing, or a neuron row names a query that is not
+            in ``queries``.
+    """
+    if population not in POPULATIONS:
+        raise ConfigError(f"population must be one of {list(POPULATIONS)}, got {population!r}")
+    _require_columns(queries, _QUERY_COLUMNS, "queries")
+    _require_columns(neurons, _NEURON_COLUMNS, "neurons")
+    if queries.empty:
+        return _empty_scores()
+
+    fact_key = ["method", "fact_id"]
+    query_key = [*fact_key, "query_id"]
+
+    q = queries[list(_QUERY_COLUMNS)].copy()
+    q["method"] = q["method"].astype(str)
+    q["fact_id"] = q["fact_id"].astype(str)
+    q["query_id"] = q["query_id"].astype(str)
+    q = q.drop_duplicates(query_key)
+    q["known"] = q["known"].astype(bool)
+
+    facts = (
+        q.groupby(fact_key, sort=True)
+        .agg(
+            relation=("relation", "first"),
+            n_queries=("query_id", "size"),
+            any_known=("known", "any"),
+            n_relations=("relation", "nunique"),
+        )
+        .reset_index()
+    )
+    bad_rel = facts[facts["n_relations"] > 1]
+    if not bad_rel.empty:
+        logger.warning(
+            "%d fact(s) have queries with different relations; using the first (e.g. %s)",
+            len(bad_rel),
+            bad_rel.iloc[0]["fact_id"],
+        )
+
+    n = neurons[list(_NEURON_COLUMNS)].copy()
+    n["method"] = n["method"].astype(str)
+    n["fact_id"] = n["fact_id"].astype(str)
+    n["query_id"] = n["query_id"].astype(str)
+    n = n.drop_duplicates([*query_key, "layer", "neuron"])
+
+    # every neuron row must belong to a known query
+    if not n.empty:
+        check = (
+            n[query_key]
+            .drop_duplicates()
+            .merge(q[query_key], on=query_key, how="left", indicator=True)
+        )
+        orphans = check[check["_merge"] == "left_only"]
+        if not orphans.empty:
+            first = orphans.iloc[0]
+            raise DataError(
+                f"{len(orphans)} query(ies) have neurons but no row in the queries table, "
+                f"e.g. method={first['method']!r} fact_id={first['fact_id']!r} "
+                f"query_id={first['query_id']!r}. Pass matching queries/neurons tables."
+            )
+
+    # how many of the fact's queries contain each neuron
+    per_neuron = (
+        n.groupby([*fact_key, "layer", "neuron"], sort=False).size().rename("count").reset_index()
+    )
+    per_neuron = per_neuron.merge(facts[[*fact_key, "n_queries"]], on=fact_key, how="left")
+    per_neuron["shared"] = per_neuron["count"] > 1
+    per_neuron["in_all"] = per_neuron["count"] == per_neuron["n_queries"]
+    counts = (
+        per_neuron.groupby(fact_key, sort=False)
+        .agg(
+            n_union=("count", "size"),
+            n_shared=("shared", "sum"),
+            n_intersection=("in_all", "sum"),
+        )
+        .reset_index()
+    )
+
+    out = facts.merge(counts, on=fact_key, how="left")
+    for col in ("n_union", "n_shared", "n_intersection"):
+        out[col] = out[col].fillna(0).astype("int64")
+    out["n_queries"] = out["n_queries"].astype("int64")
+
+    not_known = (~out["any_known"].astype(bool)).to_numpy() & (population == "known")
+    few = (out["n_queries"] < 2).to_numpy()
+    empty = (out["n_union"] == 0).to_numpy()
+    out["skipped"] = pd.Series(
+        [
+            SKIP_NOT_KNOWN if nk else SKIP_FEW_QUERIES if fw else SKIP_EMPTY_UNION if em else None
+            for nk, fw, em in zip(not_known, few, empty)
+        ],
+        index=out.index,
+        dtype=object,
+    )
+
+    ok = out["skipped"].isna()
+    union = out["n_union"].to_numpy(dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cs1 = out["n_intersection"].to_numpy(dtype=float) / union
+        cs2 = out["n_shared"].to_numpy(dtype=float) / union
+    out["cs1"] = np.where(ok, cs1, np.nan)
+    out["cs2"] = np.where(ok, cs2, np.nan)
+
+    out = out[SCORE_COLUMNS].sort_values(fact_key, kind="mergesort").reset_index(drop=True)
+    for reason, cnt in out["skipped"].value_counts().items():
+        logger.info("consistency: skipped %d fact(s): %s", cnt, reason)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Otsu
+# --------------------------------------------------------------------------------------------
+def otsu_threshold(values: Sequence[float] | np.ndarray, nbins: int = 256) -> float:
+    """Otsu's threshold: the histogram cut that maximizes the between-class variance.
+
+    The histogram has ``nbins`` equal bins over ``[min(values), max(values)]``; candidate
+    thresholds are the bin centers, and a value ``v`` belongs to the upper class when
+    ``v > threshold``. For bin index ``k`` the between-class variance (up to the constant
+    factor ``1 / N²``) is ``w0(k) · w1(k) · (μ0(k) − μ1(k))²`` with ``w0`` the number of values
+    in bins ``0..k``, ``w1`` the number in bins ``k+1..``, ``μ0, μ1`` their mean bin centers.
+    This is the same construction as :func:`skimage.filters.threshold_otsu`, so the two agree
+    exactly on float data (ties go to the lowest bin).
+
+    Non-finite values are ignored. If all values are equal (degenerate input) that value is
+    returned: nothing lies above it, so every value falls in the lower class (K_II).
+
+    Raises:
+        ValueError: ``nbins < 2`` or no finite value.
+    """
+    if int(nbins) != nbins or nbins < 2:
+        raise ValueError(f"nbins must be an integer >= 2, got {nbins!r}")
+    x = np.asarray(values, dtype=float).ravel()
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        raise ValueError("otsu_threshold needs at least one finite value")
+    lo, hi = float(x.min()), float(x.max())
+    if lo == hi:
+        return lo
+
+    counts, edges = np.histogram(x, bins=int(nbins), range=(lo, hi))
+    centers = (edges[:-1] + edges[1:]) / 2.0
+    counts = counts.astype(float)
+
+    w0 = np.cumsum(counts)  # values at or below bin k
+    w1 = np.cumsum(counts[::-1])[::-1]  # values at or above bin k
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mu0 = np.cumsum(counts * centers) / w0
+        mu1 = (np.cumsum((counts * centers)[::-1]) / w1[::-1])[::-1]
+    # split between bin k and bin k+1
+    between = w0[:-1] * w1[1:] * (mu0[:-1] - mu1[1:]) ** 2
+    between = np.nan_to_num(between, nan=-np.inf)
+    return float(centers[int(np.argmax(between))])
+
+
+# --------------------------------------------------------------------------------------------
+# K_I / K_II split
+# --------------------------------------------------------------------------------------------
+def _check_threshold(threshold: object) -> None:
+    if isinstance(threshold, str):
+        if threshold != "otsu":
+            raise ConfigError(f"threshold must be a number or 'otsu', got {threshold!r}")
+        return
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number)):
+        raise ConfigError(f"threshold must be a number or 'otsu', got {threshold!r}")
+    if not math.isfinite(float(threshold)):
+        raise ConfigError(f"threshold must be finite, got {threshold!r}")
+
+
+def split_facts(scores: pd.DataFrame, threshold: Threshold = 0.1) -> pd.DataFrame:
+    """Classify facts into K_I (``cs2 > threshold``) and K_II (``cs2 <= threshold``).
+
+    Args:
+        scores: the output of :func:`consistency_scores`.
+        threshold: a number (static threshold; 0.1 as in Table 4) or ``"otsu"``: Otsu's
+            threshold computed separately for each method over that method's non-skipped
+            CS2 values (Table 4: "calculated separately based on each batch of data").
+
+    Returns:
+        The non-skipped rows of ``scores`` (skipped facts are excluded) with two added
+        columns: ``kind`` (``"K_I"`` or ``"K_II"``) and ``threshold`` (the threshold used for
+        that row's method). Row order is that of ``scores``.
+
+    Raises:
+        ConfigError: ``threshold`` is neither a finite number nor ``"otsu"``.
+        DataError: ``scores`` lacks a required column.
+    """
+    _check_threshold(threshold)
+    _require_columns(scores, ("method", "fact_id", "cs2", "skipped"), "scores")
+    kept = scores[scores["skipped"].isna() & scores["cs2"].notna()].copy()
+    if kept.empty:
+        kept["kind"] = pd.Series(dtype=object)
+        kept["threshold"] = pd.Series(dtype="float64")
+        return kept
+
+    if threshold == "otsu":
+        per_method = {
+            m: otsu_threshold(g["cs2"].to_numpy()) for m, g in kept.groupby("method", sort=True)
+        }
+        for m, thr in per_method.items():
+            logger.info("Otsu threshold for method %s: %.4f", m, thr)
+        kept["threshold"] = kept["method"].map(per_method).astype(float)
+    else:
+        kept["threshold"] = float(threshold)  # type: ignore[arg-type]
+    kept["kind"] = np.where(kept["cs2"] > kept["threshold"], "K_I", "K_II")
+    kept["kind"] = kept["kind"].astype(object)
+    return kept
+
+
+# --------------------------------------------------------------------------------------------
+# Welch's t-test
+# --------------------------------------------------------------------------------------------
+def welch_t(
+    a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray
+) -> tuple[float, float]:
+    """Welch's unequal-variance t-test of ``mean(a) − mean(b)``, two-sided.
+
+    ``t = (ā − b̄) / sqrt(s_a²/n_a + s_b²/n_b)`` with sample variances (ddof=1); the degrees
+    of freedom follow Welch–Satterthwaite, ``df = (s_a²/n_a + s_b²/n_b)² /
+    ((s_a²/n_a)²/(n_a−1) + (s_b²/n_b)²/(n_b−1))``; ``p = 2 · P(T_df > |t|)``. Agrees with
+    ``scipy.stats.ttest_ind(a, b, equal_var=False)``, including its zero-variance cases:
+    if both groups are constant, ``(±inf, 0.0)`` when the means differ, ``(nan, nan)``
+    otherwise. NaNs in the inputs are dropped.
+
+    Returns:
+        ``(t, p)``; ``(nan, nan)`` if either group has fewer than 2 values.
+    """
+    x = np.asarray(a, dtype=float).ravel()
+    y = np.asarray(b, dtype=float).ravel()
+    x = x[~np.isnan(x)]
+    y = y[~np.isnan(y)]
+    nx, ny = x.size, y.size
+    if nx < 2 or ny < 2:
+        return float("nan"), float("nan")
+    vx = float(np.var(x, ddof=1)) / nx
+    vy = float(np.var(y, ddof=1)) / ny
+    diff = float(np.mean(x) - np.mean(y))
+    se2 = vx + vy
+    if se2 == 0.0:
+        if diff == 0.0:
+            return float("nan"), float("nan")
+        return math.copysign(math.inf, diff), 0.0
+    t = diff / math.sqrt(se2)
+    df = se2**2 / (vx**2 / (nx - 1) + vy**2 / (ny - 1))
+    p = float(2.0 * stats.t.sf(abs(t), df))
+    return float(t), min(p, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Table 1
+# --------------------------------------------------------------------------------------------
+def table1(
+    scores: pd.DataFrame,
+    thresholds: Sequence[tuple[str, Threshold]] = (("St", 0.1), ("Ot", "otsu")),
+) -> pd.DataFrame:
+    """The paper's Table 1: K_I / K_II ratios, mean CS2, Welch's t and ∩:II.
+
+    Args:
+        scores: the output of :func:`consistency_scores` (all methods of one model).
+        thresholds: ``(label, threshold)`` pairs; each threshold as in :func:`split_facts`.
+
+    Returns:
+        One row per threshold type × method (threshold types in the given order, methods in
+        paper order ig, sig, amig, then any others), columns :data:`TABLE1_COLUMNS`:
+
+        * ``T``: the threshold label; ``threshold``: the value used for this method;
+        * ``n_facts``: non-skipped facts of the method;
+        * ``R_I``, ``R_II``: share of those facts in K_I / K_II;
+        * ``S_I``, ``S_II``: mean CS2 of K_I / K_II (NaN for an empty group);
+        * ``t``, ``p``: Welch's t-test between the CS2 of K_I and of K_II
+          (see :func:`welch_t`; NaN if a group has fewer than 2 facts);
+        * ``cap_II`` (∩:II): among the facts non-skipped in every method of ``scores``, the
+          share that every method puts in K_II under this threshold type; the same value on
+          every row of one ``T``; NaN if no fact is non-skipped in every method.
+
+    Raises:
+        ConfigError: empty ``thresholds``, a duplicate label, or an invalid threshold.
+    """
+    if len(thresholds) == 0:
+        raise ConfigError("table1 needs at least one (label, threshold) pair")
+    labels = [lab for lab, _ in thresholds]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"threshold labels must be unique, got {labels}")
+    for _, thr in thresholds:
+        _check_threshold(thr)
+    _require_columns(scores, ("method", "fact_id", "cs2", "skipped"), "scores")
+
+    methods = _method_order(scores["method"].astype(str).unique())
+    rows: list[dict[str, object]] = []
+    for label, thr in thresholds:
+        split = split_facts(scores, thr)
+        split = split.assign(method=split["method"].astype(str))
+
+        # ∩:II over facts non-skipped in every method
+        cap_ii = float("nan")
+        if methods:
+            fact_sets = [set(split.loc[split["method"] == m, "fact_id"]) for m in methods]
+            common = set.intersection(*fact_sets)
+            if common:
+                sub = split[split["fact_id"].isin(common)]
+                all_ii = (sub["kind"] == "K_II").groupby(sub["fact_id"]).all()
+                cap_ii = float(all_ii.sum()) / len(common)
+
+        for m in methods:
+            g = split[split["method"] == m]
+            n_facts = len(g)
+            cs_i = g.loc[g["kind"] == "K_I", "cs2"].to_numpy(dtype=float)
+            cs_ii = g.loc[g["kind"] == "K_II", "cs2"].to_numpy(dtype=float)
+            if n_facts:
+                thr_used = float(g["threshold"].iloc[0])
+            elif thr == "otsu":
+                thr_used = float("nan")
+            else:
+                thr_used = float(thr)  # type: ignore[arg-type]
+            t, p = welch_t(cs_i, cs_ii)
+            rows.append(
+                {
+                    "method": m,
+                    "T": label,
+                    "threshold": thr_used,
+                    "n_facts": n_facts,
+                    "R_I": cs_i.size / n_facts if n_facts else float("nan"),
+                    "S_I": float(cs_i.mean()) if cs_i.size else float("nan"),
+                    "R_II": cs_ii.size / n_facts if n_facts else float("nan"),
+                    "S_II": float(cs_ii.mean()) if cs_ii.size else float("nan"),
+                    "t": t,
+                    "p": p,
+                    "cap_II": cap_ii,
+                }
+            )
+    out = pd.DataFrame(rows, columns=TABLE1_COLUMNS)
+    out["n_facts"] = out["n_facts"].astype("int64")
+    return out
+
+
+def _fmt(x: object, spec: str) -> str:
+    if x is None:
+        return "–"
+    try:
+        v = float(x)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return str(x)
+    if math.isnan(v):
+        return "–"
+    if math.isinf(v):
+        return "∞" if v > 0 else "−∞"
+    return format(v, spec)
+
+
+#: Markdown header labels of :func:`table1_markdown`, in column order.
+_MD_HEADERS: list[tuple[str, str, str]] = [
+    # (column, header, format spec)
+    ("method", "method", ""),
+    ("T", "T", ""),
+    ("threshold", "threshold", ".3f"),
+    ("n_facts", "n", "d"),
+    ("R_I", "R: I", ".2f"),
+    ("S_I", "S: I", ".3f"),
+    ("R_II", "R: II", ".2f"),
+    ("S_II", "S: II", ".3f"),
+    ("t", "t", ".1f"),
+    ("p", "p", ".1e"),
+    ("cap_II", "∩: II", ".2f"),
+]
+
+
+def table1_markdown(df: pd.DataFrame) -> str:
+    """Format a :func:`table1` result as a Markdown table, like the paper's Table 1.
+
+    Ratios (R, ∩:II) get 2 decimals, scores (S) and thresholds 3, t one decimal, p
+    scientific notation (e.g. ``1.2e-07``); NaN prints as ``–``.
+    """
+    _require_columns(df, TABLE1_COLUMNS, "table1")
+    head = "| " + " | ".join(h for _, h, _ in _MD_HEADERS) + " |"
+    align = (
+        "|" + "|".join(":---" if c in ("method", "T") else "---:" for c, _, _ in _MD_HEADERS) + "|"
+    )
+    lines = [head, align]
+    for rec in df.to_dict("records"):
+        cells = []
+        for col, _, spec in _MD_HEADERS:
+            v = rec[col]
+            if spec == "":
+                cells.append(str(v))
+            elif spec == "d":
+                cells.append(str(int(v)) if v is not None and not pd.isna(v) else "–")
+            else:
+                cells.append(_fmt(v, spec))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# skipped facts
+# --------------------------------------------------------------------------------------------
+def skipped_summary(scores: pd.DataFrame) -> pd.DataFrame:
+    """Number of skipped facts per method and reason.
+
+    Returns:
+        Columns ``method, reason, n_facts``: for every method in ``scores`` one row per reason
+        in :data:`SKIP_REASONS` (zeros included, pipeline order), then any other reason
+        found, then a row ``reason = "kept"`` with the number of non-skipped facts. Methods
+        in paper order.
+    """
+    _require_columns(scores, ("method", "skipped"), "scores")
+    rows: list[dict[str, object]] = []
+    for m in _method_order(scores["method"].astype(str).unique()):
+        g = scores[scores["method"].astype(str) == m]
+        counts = g["skipped"].dropna().value_counts()
+        reasons = list(SKIP_REASONS) + sorted(set(counts.index) - set(SKIP_REASONS))
+        for r in reasons:
+            rows.append({"method": m, "reason": r, "n_facts": int(counts.get(r, 0))})
+        rows.append({"method": m, "reason": "kept", "n_facts": int(g["skipped"].isna().sum())})
+    out = pd.DataFrame(rows, columns=["method", "reason", "n_facts"])
+    out["n_facts"] = out["n_facts"].astype("int64")
+    return out

@@ -1,0 +1,456 @@
+"""Models and architecture adapters.
+
+A *knowledge neuron* ``(layer, neuron)`` is the ``neuron``-th input of the MLP down
+projection of ``layer`` (METHODS §0): GPT-2 ``mlp.c_proj`` input = GELU(c_fc x);
+LLaMA/Gemma/Qwen/Mistral ``mlp.down_proj`` input = act(gate x) * (up x); GPT-NeoX
+``mlp.dense_4h_to_h`` input. Its *value vector* is the matching column of the down
+projection's ``nn.Linear`` weight (row of GPT-2's ``Conv1D`` weight).
+
+Adapters are frozen dataclasses looked up by ``config.model_type`` (then
+``config.architectures[0]``), never by a substring of a model name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import DeviceError, ModelError, TokenizationError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Where things live inside one architecture family of Hugging Face models."""
+
+    name: str
+    model_types: tuple[str, ...]
+    architectures: tuple[str, ...]
+    base: str  # attribute path of the base model (returns the final-normed hidden state)
+    layers: str  # attribute path of the decoder layer list
+    down_proj: str  # path, relative to a layer, of the MLP down projection
+    down_proj_conv1d: bool  # GPT-2 Conv1D: weight is [d_mlp, d_model]
+    attention: str  # path, relative to a layer, of the attention module
+    final_norm: str  # path of the final norm before the unembedding
+    unembedding: str  # path of the output projection (lm_head)
+    n_layers_key: str = "num_hidden_layers"
+    d_mlp_key: str = "intermediate_size"
+
+    def d_mlp(self, config: Any) -> int:
+        value = getattr(config, self.d_mlp_key, None)
+        if value is None:  # GPT-2 stores None for n_inner and means 4 * n_embd
+            if self.name == "gpt2":
+                return 4 * int(config.n_embd)
+            raise ModelError(f"config has no {self.d_mlp_key!r}; cannot size the MLP")
+        return int(value)
+
+    def n_layers(self, config: Any) -> int:
+        return int(getattr(config, self.n_layers_key))
+
+
+ADAPTERS: tuple[Adapter, ...] = (
+    Adapter(
+        name="gpt2",
+        model_types=("gpt2",),
+        architectures=("GPT2LMHeadModel",),
+        base="transformer",
+        layers="transformer.h",
+        down_proj="mlp.c_proj",
+        down_proj_conv1d=True,
+        attention="attn",
+        final_norm="transformer.ln_f",
+        unembedding="lm_head",
+        n_layers_key="n_layer",
+        d_mlp_key="n_inner",
+    ),
+    Adapter(
+        name="llama",
+        model_types=("llama", "mistral", "qwen2", "qwen3"),
+        architectures=(
+            "LlamaForCausalLM",
+            "MistralForCausalLM",
+            "Qwen2ForCausalLM",
+            "Qwen3ForCausalLM",
+        ),
+        base="model",
+        layers="model.layers",
+        down_proj="mlp.down_proj",
+        down_proj_conv1d=False,
+        attention="self_attn",
+        final_norm="model.norm",
+        unembedding="lm_head",
+    ),
+    Adapter(
+        name="gemma3",
+        model_types=("gemma3_text", "gemma2", "gemma"),
+        architectures=("Gemma3ForCausalLM", "Gemma2ForCausalLM", "GemmaForCausalLM"),
+        base="model",
+        layers="model.layers",
+        down_proj="mlp.down_proj",
+        down_proj_conv1d=False,
+        attention="self_attn",
+        final_norm="model.norm",
+        unembedding="lm_head",
+    ),
+    Adapter(
+        name="gpt_neox",
+        model_types=("gpt_neox",),
+        architectures=("GPTNeoXForCausalLM",),
+        base="gpt_neox",
+        layers="gpt_neox.layers",
+        down_proj="mlp.dense_4h_to_h",
+        down_proj_conv1d=False,
+        attention="attention",
+        final_norm="gpt_neox.final_layer_norm",
+        unembedding="lm_head",
+    ),
+)
+
+
+def supported_architectures() -> list[str]:
+    return sorted({t for a in ADAPTERS for t in a.model_types})
+
+
+def find_adapter(config: Any) -> Adapter:
+    """The adapter for a transformers config, by ``model_type`` then ``architectures[0]``."""
+    model_type = getattr(config, "model_type", None)
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter
+    archs = getattr(config, "architectures", None) or []
+    if archs:
+        for adapter in ADAPTERS:
+            if archs[0] in adapter.architectures:
+                return adapter
+    raise ModelError(
+        f"unsupported architecture (model_type={model_type!r}, architectures={archs}); "
+        f"supported model types: {', '.join(supported_architectures())}"
+    )
+
+
+def _get(root: Any, path: str) -> Any:
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(
+            "CUDA was requested (--device cuda) but no CUDA device is available; "
+            "use --device cpu"
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise DeviceError(f"unsupported device {str(device)!r}; use cpu or cuda")
+    return dev
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype)]
+    except KeyError:
+        raise DeviceError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+@dataclass
+class Model:
+    """A loaded causal LM with its tokenizer and adapter."""
+
+    hf: nn.Module
+    tokenizer: Any
+    adapter: Adapter
+    name: str
+    revision: str | None = None
+    checked: bool = field(default=False)
+
+    # ----------------------------------------------------------------- structure
+    @property
+    def config(self) -> Any:
+        return self.hf.config
+
+    @property
+    def n_layers(self) -> int:
+        return self.adapter.n_layers(self.config)
+
+    @property
+    def d_mlp(self) -> int:
+        return self.adapter.d_mlp(self.config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    def layers(self) -> Sequence[nn.Module]:
+        return _get(self.hf, self.adapter.layers)
+
+    def down_proj(self, layer: int) -> nn.Module:
+        return _get(self.layers()[layer], self.adapter.down_proj)
+
+    def attention(self, layer: int) -> nn.Module:
+        return _get(self.layers()[layer], self.adapter.attention)
+
+    def base_model(self) -> nn.Module:
+        """The decoder stack without the unembedding; its output is the final-normed hidden state."""
+        return _get(self.hf, self.adapter.base)
+
+    def unembedding(self) -> nn.Module:
+        """The output projection (``get_output_embeddings()``, else the adapter's path)."""
+        head = self.hf.get_output_embeddings()
+        return head if head is not None else _get(self.hf, self.adapter.unembedding)
+
+    def logit_softcap(self) -> float | None:
+        """Final logit soft-capping (Gemma 2 style), or None."""
+        return getattr(self.config, "final_logit_softcapping", None)
+
+    def unembedding_matrix(self) -> torch.Tensor:
+        """[vocab, d_model]: row v maps the final hidden state to logit v (E in METHODS §3)."""
+        return self.unembedding().weight
+
+    def value_vectors(self, layer: int) -> torch.Tensor:
+        """[d_mlp, d_model] view of the value vectors of ``layer`` (writes go to the weight)."""
+        w = self.down_proj(layer).weight
+        return w if self.adapter.down_proj_conv1d else w.t()
+
+    def hook_name(self, layer: int) -> str:
+        return f"blocks.{layer}.mlp.hook_post"
+
+    # ---------------------------------------------------------------- tokenizing
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Token ids of a prompt, with the special tokens the tokenizer adds by default."""
+        if not prompt or not prompt.strip():
+            raise TokenizationError("empty prompt")
+        ids = self.tokenizer(prompt)["input_ids"]
+        if len(ids) < 1:
+            raise TokenizationError(f"prompt {prompt!r} tokenizes to nothing")
+        return list(ids)
+
+    def answer_ids(self, prompt: str, answer: str) -> list[int]:
+        """Token ids of ``answer`` as it continues ``prompt`` (leading space, no specials)."""
+        if not answer or not answer.strip():
+            raise TokenizationError(f"empty answer for prompt {prompt!r}")
+        answer = answer.strip()
+        tok = self.tokenizer
+        full = tok(prompt + " " + answer)["input_ids"]
+        head = tok(prompt)["input_ids"]
+        if full[: len(head)] == head and len(full) > len(head):
+            ids = list(full[len(head):])
+        else:
+            ids = list(tok(" " + answer, add_special_tokens=False)["input_ids"])
+        special = set(getattr(tok, "all_special_ids", []) or [])
+        ids = [i for i in ids if i not in special]
+        if not ids:
+            raise TokenizationError(
+                f"answer {answer!r} tokenizes to nothing for prompt {prompt!r}"
+            )
+        return ids
+
+    def target_id(self, prompt: str, answer: str) -> int:
+        """The first token of the gold answer (the attribution target)."""
+        return self.answer_ids(prompt, answer)[0]
+
+    def eos_id(self) -> int:
+        tok = self.tokenizer
+        for attr in ("eos_token_id", "pad_token_id"):
+            v = getattr(tok, attr, None)
+            if v is not None:
+                return int(v)
+        v = getattr(self.config, "eos_token_id", None)
+        if isinstance(v, list):
+            v = v[0]
+        if v is None:
+            raise ModelError("the tokenizer has no EOS or pad token (needed for baselines)")
+        return int(v)
+
+    def mask_id(self) -> int:
+        """The token used to mask a word (SIG): mask, else pad, else EOS."""
+        tok = self.tokenizer
+        for attr in ("mask_token_id", "pad_token_id"):
+            v = getattr(tok, attr, None)
+            if v is not None:
+                return int(v)
+        return self.eos_id()
+
+    def special_ids(self) -> set[int]:
+        return set(getattr(self.tokenizer, "all_special_ids", []) or [])
+
+    # ------------------------------------------------------------------- running
+    @torch.no_grad()
+    def next_token_probs(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> torch.Tensor:
+        """[n, vocab] next-token probabilities after each prompt (float32, one pass each)."""
+        rows = []
+        for p in prompts:
+            ids = self.encode_prompt(p) if isinstance(p, str) else list(p)
+            x = torch.tensor([ids], device=self.device)
+            logits = self.hf(input_ids=x).logits[0, -1].float()
+            rows.append(torch.softmax(logits, -1))
+        return torch.stack(rows)
+
+    @contextlib.contextmanager
+    def hook_activations(self, fn, layers: Sequence[int] | None = None) -> Iterator[None]:
+        """Temporarily replace the down-projection input of ``layers`` by ``fn(layer, h)``.
+
+        ``h`` is ``[batch, seq, d_mlp]``; ``fn`` returns the tensor to use instead. The hooks
+        are removed on exit, also on error.
+        """
+        handles = []
+        try:
+            for layer in range(self.n_layers) if layers is None else layers:
+                def pre(module, args, _l=layer):
+                    return (fn(_l, args[0]),) + tuple(args[1:])
+
+                handles.append(self.down_proj(layer).register_forward_pre_hook(pre))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @torch.no_grad()
+    def activations(self, prompt_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """[n_layers, d_mlp] neuron activations at the last position of a prompt."""
+        ids = torch.as_tensor(prompt_ids, device=self.device).reshape(1, -1)
+        out = torch.empty(self.n_layers, self.d_mlp, device=self.device, dtype=self.dtype)
+
+        def grab(layer, h):
+            out[layer] = h[0, -1]
+            return h
+
+        with self.hook_activations(grab):
+            self.hf(input_ids=ids)
+        return out
+
+    # ----------------------------------------------------------------- self-check
+    @torch.no_grad()
+    def self_check(self, atol: float = 1e-4) -> None:
+        """Verify the adapter: hook shape, and activation-zeroing == value-vector-zeroing."""
+        ids = torch.tensor([self.encode_prompt("The capital of France is")], device=self.device)
+        seen: dict[int, tuple[int, ...]] = {}
+
+        def shape(layer, h):
+            seen[layer] = tuple(h.shape)
+            return h
+
+        with self.hook_activations(shape):
+            base = self.hf(input_ids=ids).logits[0, -1].float()
+        expect = (1, ids.shape[1], self.d_mlp)
+        bad = {k: v for k, v in seen.items() if v != expect}
+        if len(seen) != self.n_layers or bad:
+            raise ModelError(
+                f"adapter {self.adapter.name!r} self-check failed: down-projection hook "
+                f"shapes {bad or seen} (expected {expect} on all {self.n_layers} layers)"
+            )
+        acts = self.activations(ids[0])
+        # the neurons with the largest |activation| in the first and last layer
+        checks = [(0, int(acts[0].abs().argmax())), (self.n_layers - 1, int(acts[-1].abs().argmax()))]
+        for layer, neuron in checks:
+            def zero(_l, h, layer=layer, neuron=neuron):
+                if _l == layer:
+                    h = h.clone()
+                    h[..., neuron] = 0
+                return h
+
+            with self.hook_activations(zero, [layer]):
+                via_act = self.hf(input_ids=ids).logits[0, -1].float()
+            vv = self.value_vectors(layer)
+            saved = vv[neuron].clone()
+            try:
+                vv[neuron] = 0
+                via_weight = self.hf(input_ids=ids).logits[0, -1].float()
+            finally:
+                vv[neuron] = saved
+            tol = atol * max(1.0, float(base.abs().max()))
+            if (via_act - via_weight).abs().max() > tol:
+                raise ModelError(
+                    f"adapter {self.adapter.name!r} self-check failed: zeroing neuron "
+                    f"({layer}, {neuron}) through its activation and through its value vector "
+                    "give different logits; the hooked module is not the down projection"
+                )
+            if (via_act - base).abs().max() == 0 and float(acts[layer, neuron]) != 0:
+                raise ModelError(
+                    f"adapter {self.adapter.name!r} self-check failed: zeroing neuron "
+                    f"({layer}, {neuron}) did not change the logits"
+                )
+        self.checked = True
+
+
+def wrap(hf_model: nn.Module, tokenizer: Any, *, name: str | None = None, check: bool = True) -> Model:
+    """Wrap an in-memory transformers causal LM (frozen, eval mode) as a :class:`Model`."""
+    adapter = find_adapter(hf_model.config)
+    hf_model.eval()
+    for p in hf_model.parameters():
+        p.requires_grad_(False)
+    model = Model(
+        hf=hf_model,
+        tokenizer=tokenizer,
+        adapter=adapter,
+        name=name or getattr(hf_model.config, "_name_or_path", "") or adapter.name,
+        revision=getattr(hf_model.config, "_commit_hash", None),
+    )
+    if check:
+        model.self_check()
+    return model
+
+
+def load_model(
+    name: str = "gemma3-270m",
+    *,
+    device: str | torch.device | None = "cpu",
+    dtype: str | torch.dtype = "float32",
+    attn_implementation: str | None = None,
+    check: bool = True,
+) -> Model:
+    """Load a model by embedded name (``gemma3-270m``, ``smollm2-135m``), local dir or HF id.
+
+    Nothing is downloaded unless a hub is reachable; an id that is neither embedded nor a
+    local directory and cannot be fetched raises :class:`ModelError`.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from . import embedded
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype)
+    source = name
+    if name in embedded.EMBEDDED:
+        source = str(embedded.embedded_model_dir(name))
+    elif not Path(name).exists() and os.environ.get("HF_HUB_OFFLINE") is None:
+        log.info("loading %s from the Hugging Face hub (or its local cache)", name)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
+        raise ModelError(
+            f"cannot load model {name!r}: {exc}. Use an embedded model "
+            f"({', '.join(embedded.EMBEDDED)}), a local directory, or a cached Hugging Face id"
+        ) from exc
+    find_adapter(config)  # fail early with the list of supported architectures
+    kwargs: dict[str, Any] = {"dtype": dt}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tok = AutoTokenizer.from_pretrained(source)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"cannot load model {name!r}: {exc}") from exc
+    hf.to(dev)
+    return wrap(hf, tok, name=name, check=check)

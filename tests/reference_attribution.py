@@ -1,0 +1,89 @@
+"""Plain reference implementation of IG / SIG / AMIG (the oracle the fast engine must match).
+
+One layer at a time, the full sequence through the whole model for every step (batched over
+the steps of one layer), logits only at the last position. This is the loop existing tools
+use. It shares nothing with knowloc.attribution but the model's adapter (which module is the
+down projection).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _last_acts(model, ids: torch.Tensor) -> torch.Tensor:
+    """[batch, L, D] activations at the last position, via plain forward hooks."""
+    out = {}
+    handles = []
+    for l in range(model.n_layers):
+        def hook(mod, args, l=l):
+            out[l] = args[0][:, -1].detach().clone()
+        handles.append(model.down_proj(l).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model.hf(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack([out[l] for l in range(model.n_layers)], 1)
+
+
+def reference_baselines(model, ids: list[int], method: str, sig_mode: str = "mean") -> torch.Tensor:
+    L, D = model.n_layers, model.d_mlp
+    if method == "ig":
+        return torch.zeros(1, L, D)
+    special = set(model.tokenizer.all_special_ids)
+    if method == "amig":
+        eos = model.tokenizer.eos_token_id
+        b = [t if t in special else eos for t in ids]
+        return _last_acts(model, torch.tensor([b])).float()
+    mask = model.tokenizer.mask_token_id
+    if mask is None:
+        mask = model.tokenizer.pad_token_id
+    if mask is None:
+        mask = model.tokenizer.eos_token_id
+    rows = []
+    for j, t in enumerate(ids):
+        if t in special:
+            continue
+        b = list(ids)
+        b[j] = mask
+        rows.append(_last_acts(model, torch.tensor([b]))[0].float())
+    base = torch.stack(rows)
+    return base.mean(0, keepdim=True) if sig_mode == "mean" else base
+
+
+def reference_attribute(model, prompt: str, answer: str, method: str = "ig", n_steps: int = 20,
+                        sig_mode: str = "mean") -> torch.Tensor:
+    tok = model.tokenizer
+    ids = tok(prompt)["input_ids"]
+    full = tok(prompt + " " + answer)["input_ids"]
+    target = full[len(ids)]
+    x_ids = torch.tensor([ids]).repeat(n_steps, 1)
+    a = _last_acts(model, torch.tensor([ids]))[0].float()
+    bases = reference_baselines(model, ids, method, sig_mode)
+    alphas = torch.arange(1, n_steps + 1, dtype=torch.float32) / n_steps
+    scores = torch.zeros(model.n_layers, model.d_mlp)
+    for b in bases:
+        for l in range(model.n_layers):
+            x = (b[l] + alphas[:, None] * (a[l] - b[l])).to(model.dtype).requires_grad_(True)
+
+            def patch(mod, args, x=x):
+                h = args[0].clone()
+                h[:, -1] = x
+                return (h,) + tuple(args[1:])
+
+            handle = model.down_proj(l).register_forward_pre_hook(patch)
+            try:
+                with torch.enable_grad():
+                    logits = model.hf(input_ids=x_ids).logits[:, -1].float()
+                    p = torch.softmax(logits, -1)[:, target]
+                    (g,) = torch.autograd.grad(p.sum(), x)
+            finally:
+                handle.remove()
+            scores[l] += (a[l] - b[l]) * g.float().mean(0)
+    if method == "sig":
+        scores = scores / scores.norm()
+    elif method == "amig":
+        scores = scores / scores.sum()
+    return scores
