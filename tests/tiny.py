@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
+    AutoModelForCausalLM,
     Gemma3TextConfig,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
-    Qwen2Config,
-    AutoModelForCausalLM,
     PreTrainedTokenizerFast,
+    Qwen2Config,
 )
 
 from knowloc.models import Model, wrap

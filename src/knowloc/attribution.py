@@ -198,12 +198,13 @@ def normalize(scores: torch.Tensor, method: str) -> torch.Tensor:
 # ----------------------------------------------------------------------- fast engine
 def _bytes_per_point(model: Model, seq_len: int) -> int:
     cfg = model.config
-    V = int(getattr(cfg, "vocab_size"))
-    d = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd"))
+    V = int(cfg.vocab_size)
+    d = int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
     el = torch.finfo(model.dtype).bits // 8
-    # logits, softmax and their grads in float32; per layer saved activations for backward
-    per_layer = 16 * d + 6 * model.d_mlp + 4 * seq_len * d
-    return 4 * V * 4 + model.n_layers * per_layer * el
+    # the fused head keeps one float32 [vocab] buffer per point (+ a transient one);
+    # per layer: activations saved for the backward pass, and the cached prefix keys/values
+    per_layer = 12 * d + 8 * model.d_mlp + 2 * seq_len * d
+    return 3 * V * 4 + model.n_layers * per_layer * el
 
 
 def auto_batch_size(model: Model, seq_len: int, memory_budget_gb: float) -> int:

@@ -1,0 +1,241 @@
+"""``knowloc <stage>``: the command-line interface.
+
+Errors a user can cause are printed as one line (no traceback) with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, KnowlocError
+
+log = logging.getLogger("knowloc")
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="gemma3-270m",
+                   help="embedded name (gemma3-270m, smollm2-135m), local directory or HF id "
+                        "(default: %(default)s)")
+    g.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("dataset")
+    g.add_argument("--dataset", default="builtin",
+                   help="builtin, pararel:<dir>, jsonl:<file> (default: %(default)s)")
+    g.add_argument("--relations", type=_csv, default=None, help="comma-separated relation ids")
+    g.add_argument("--facts-per-relation", type=int, default=None)
+    g.add_argument("--max-queries-per-fact", type=int, default=None)
+    g.add_argument("--seed", type=int, default=0)
+
+
+def _add_attr_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("attribution")
+    g.add_argument("--method", type=_csv, default=["ig"],
+                   help="comma-separated: ig, sig, amig (default: ig)")
+    g.add_argument("--n-steps", type=int, default=20)
+    g.add_argument("--sig-mode", default="mean", choices=["mean", "per_token"])
+    g.add_argument("--threshold", type=float, default=0.2,
+                   help="knowledge neurons: attribution > threshold * max (default: 0.2)")
+    g.add_argument("--selection", default="relative", choices=["relative", "absolute", "topk"])
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="integration points per forward pass (default: sized to --memory-gb)")
+    g.add_argument("--memory-gb", type=float, default=2.0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="knowloc",
+        description="Find where a language model keeps a fact, test whether that place is "
+                    "fixed, and edit it (Chen et al., ICLR 2025).",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("localize", help="localize knowledge neurons of one query or a dataset")
+    _add_model_args(p)
+    _add_data_args(p)
+    _add_attr_args(p)
+    p.add_argument("--prompt", help="a single cloze prompt (with --answer)")
+    p.add_argument("--answer", help="the gold answer of --prompt")
+    p.add_argument("--top", type=int, default=15, help="rows of the neuron table to print")
+    p.add_argument("--out", type=Path, help="run directory (dataset mode)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="reuse --out even if it was made with another configuration")
+
+    p = sub.add_parser("query", help="run SQL (DuckDB) over a run's tables")
+    p.add_argument("run", type=Path)
+    p.add_argument("sql")
+
+    sub.add_parser("models", help="list the embedded models and supported architectures")
+    return parser
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if verbose == 0:
+        logging.getLogger("knowloc").setLevel(logging.INFO)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _load(args) -> Any:
+    from .models import load_model
+
+    t = time.time()
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    log.info("loaded %s (%s, %d layers x %d neurons) in %.1f s", args.model, model.adapter.name,
+             model.n_layers, model.d_mlp, time.time() - t)
+    return model
+
+
+def _selection(args):
+    from .neurons import Selection
+
+    value = args.threshold if args.selection != "topk" else int(args.threshold)
+    return Selection(args.selection, value).validate()
+
+
+def cmd_localize(args) -> int:
+    from .attribution import AttributionConfig
+
+    for m in args.method:
+        AttributionConfig(method=m, n_steps=args.n_steps, sig_mode=args.sig_mode).validate()
+    selection = _selection(args)
+    if args.prompt or args.answer:
+        if not (args.prompt and args.answer):
+            raise ConfigError("--prompt and --answer go together")
+        return _localize_one(args, selection)
+    if args.out is None:
+        raise ConfigError("dataset mode needs --out RUN_DIR (or give --prompt and --answer)")
+    return _localize_dataset(args, selection)
+
+
+def _localize_one(args, selection) -> int:
+    from .attribution import attribute
+    from .neurons import neurons_frame
+
+    model = _load(args)
+    for method in args.method:
+        t = time.time()
+        attr = attribute(model, (args.prompt, args.answer), method, n_steps=args.n_steps,
+                         sig_mode=args.sig_mode, internal_batch_size=args.batch_size,
+                         memory_budget_gb=args.memory_gb, progress=not args.quiet)
+        dt = time.time() - t
+        kn = neurons_frame(attr, selection)
+        answer_tok = model.tokenizer.decode([attr.target_id])
+        print(f"\n{method.upper()}  {args.prompt!r} -> {answer_tok!r}")
+        print(f"  P(answer) = {attr.prob:.4f}   top-1 = {attr.predicted!r} "
+              f"({'correct' if attr.top1 else 'not the answer'})   {dt:.1f} s")
+        print(f"  knowledge neurons ({selection.mode} threshold {selection.value}): {len(kn)}")
+        print(f"  {'layer':>5} {'neuron':>7} {'attribution':>12} {'activation':>11}")
+        for r in kn.head(args.top).itertuples():
+            print(f"  {r.layer:>5} {r.neuron:>7} {r.attribution:>12.4g} {r.activation:>11.4g}")
+        if len(kn) > args.top:
+            print(f"  ... {len(kn) - args.top} more")
+    return 0
+
+
+def _localize_dataset(args, selection) -> int:
+    from .data import load_facts
+    from .experiments import LocalizeConfig, localize, model_fingerprint, seed_everything
+    from .store import RunStore, environment_info
+
+    facts = load_facts(args.dataset, relations=args.relations,
+                       facts_per_relation=args.facts_per_relation, seed=args.seed,
+                       max_queries_per_fact=args.max_queries_per_fact)
+    log.info("%d facts, %d queries from %s (skipped: %s)", len(facts), len(facts.queries()),
+             facts.source, dict(facts.skipped) or "none")
+    seed_everything(args.seed)
+    model = _load(args)
+    cfg = LocalizeConfig(methods=args.method, n_steps=args.n_steps, sig_mode=args.sig_mode,
+                         selection=selection, internal_batch_size=args.batch_size,
+                         memory_budget_gb=args.memory_gb)
+    store = RunStore(args.out)
+    config = {
+        "fingerprint": {"model": model_fingerprint(model), "n_steps": args.n_steps,
+                        "sig_mode": args.sig_mode, "selection": selection.as_dict()},
+        "model": {"name": args.model, "device": args.device, "dtype": args.dtype},
+        "dataset": {"source": facts.source, "relations": facts.relations,
+                    "facts_per_relation": args.facts_per_relation,
+                    "max_queries_per_fact": args.max_queries_per_fact,
+                    "n_facts": len(facts), "n_queries": len(facts.queries()),
+                    "skipped": dict(facts.skipped)},
+        "localize": cfg.as_dict(),
+        "seed": args.seed,
+    }
+    store.write_config(config, overwrite=args.overwrite)
+    store.write_env(environment_info({"command": "localize"}))
+    res = localize(model, facts, store, cfg, progress=not args.quiet)
+    q = res.queries
+    print(f"localized {res.computed} queries ({res.skipped_done} already done) in "
+          f"{res.seconds:.1f} s -> {store.root}")
+    if len(q):
+        summary = q.groupby("method").agg(queries=("query_id", "count"),
+                                          known=("known", "mean"),
+                                          mean_neurons=("n_neurons", "mean"))
+        print(summary.to_string(float_format=lambda x: f"{x:.3f}"))
+    return 0
+
+
+def cmd_query(args) -> int:
+    import pandas as pd
+
+    from .store import RunStore
+
+    if not args.run.exists():
+        raise ConfigError(f"run directory {args.run} does not exist")
+    df = RunStore(args.run, create=False).query(args.sql)
+    with pd.option_context("display.max_rows", 200, "display.width", 200):
+        print(df.to_string(index=False))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .embedded import EMBEDDED, embedded_license_note
+    from .models import supported_architectures
+
+    for name in EMBEDDED:
+        print(f"{name}: {embedded_license_note(name)}")
+    print("supported model types:", ", ".join(supported_architectures()))
+    return 0
+
+
+COMMANDS = {"localize": cmd_localize, "query": cmd_query, "models": cmd_models}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return COMMANDS[args.command](args)
+    except KnowlocError as exc:
+        print(f"knowloc: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("knowloc: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
