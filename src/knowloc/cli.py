@@ -76,6 +76,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="reuse --out even if it was made with another configuration")
 
+    p = sub.add_parser("consistency", help="CS1/CS2, K_I/K_II, Welch t-test: Table 1 + Figure 3")
+    p.add_argument("--run", type=Path, required=True, help="run directory made by localize")
+    p.add_argument("--population", default="known", choices=["known", "all"],
+                   help="facts known (top-1 on >= 1 query) or all facts (default: known)")
+    p.add_argument("--static-threshold", type=float, default=0.1)
+
+    p = sub.add_parser("reproduce", help="run every experiment end to end and write report.html")
+    _add_model_args(p)
+    p.add_argument("--preset", default="quick", help="quick, standard or paper (default: quick)")
+    p.add_argument("--dataset", default=None,
+                   help="override the preset's dataset (standard/paper need pararel:<dir>)")
+    p.add_argument("--relations", type=_csv, default=None)
+    p.add_argument("--known-per-relation", type=int, default=None)
+    p.add_argument("--max-queries-per-fact", type=int, default=None)
+    p.add_argument("--method", type=_csv, default=None)
+    p.add_argument("--n-steps", type=int, default=None)
+    p.add_argument("--population", default=None, choices=["known", "all"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--overwrite", action="store_true")
+
     p = sub.add_parser("query", help="run SQL (DuckDB) over a run's tables")
     p.add_argument("run", type=Path)
     p.add_argument("sql")
@@ -87,8 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    if verbose == 0:
-        logging.getLogger("knowloc").setLevel(logging.INFO)
     try:
         from transformers.utils import logging as hf_logging
 
@@ -98,13 +117,17 @@ def _setup_logging(verbose: int) -> None:
         pass
 
 
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def _load(args) -> Any:
     from .models import load_model
 
     t = time.time()
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    log.info("loaded %s (%s, %d layers x %d neurons) in %.1f s", args.model, model.adapter.name,
-             model.n_layers, model.d_mlp, time.time() - t)
+    _say(f"loaded {args.model} ({model.adapter.name}, {model.n_layers} layers x {model.d_mlp} "
+         f"neurons) in {time.time() - t:.1f} s")
     return model
 
 
@@ -163,8 +186,8 @@ def _localize_dataset(args, selection) -> int:
     facts = load_facts(args.dataset, relations=args.relations,
                        facts_per_relation=args.facts_per_relation, seed=args.seed,
                        max_queries_per_fact=args.max_queries_per_fact)
-    log.info("%d facts, %d queries from %s (skipped: %s)", len(facts), len(facts.queries()),
-             facts.source, dict(facts.skipped) or "none")
+    _say(f"{len(facts)} facts, {len(facts.queries())} queries from {facts.source} "
+         f"(skipped: {dict(facts.skipped) or 'none'})")
     seed_everything(args.seed)
     model = _load(args)
     cfg = LocalizeConfig(methods=args.method, n_steps=args.n_steps, sig_mode=args.sig_mode,
@@ -197,6 +220,42 @@ def _localize_dataset(args, selection) -> int:
     return 0
 
 
+def cmd_consistency(args) -> int:
+    from .experiments import consistency
+    from .store import RunStore
+
+    if not (args.run / "config.yaml").exists():
+        raise ConfigError(f"{args.run} is not a knowloc run directory (no config.yaml); "
+                          "run `knowloc localize --dataset ... --out RUN` first")
+    res = consistency(RunStore(args.run, create=False), population=args.population,
+                      static_threshold=args.static_threshold)
+    print(res.table1_md)
+    print(f"\nwrote {args.run / 'table1.md'}, table1.csv, consistency.parquet and "
+          f"{len(res.figures)} violin plot(s) under {args.run / 'figures'}")
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from .reproduce import reproduce, resolve_preset
+
+    preset = resolve_preset(
+        args.preset, dataset=args.dataset,
+        relations=tuple(args.relations) if args.relations else None,
+        known_per_relation=args.known_per_relation,
+        max_queries_per_fact=args.max_queries_per_fact,
+        methods=tuple(args.method) if args.method else None,
+        n_steps=args.n_steps, population=args.population,
+    )
+    from .attribution import AttributionConfig
+
+    for m in preset.methods:
+        AttributionConfig(method=m, n_steps=preset.n_steps).validate()
+    reproduce(args.out, model=args.model, preset=preset, device=args.device,
+              dtype=args.dtype, seed=args.seed, overwrite=args.overwrite,
+              progress=not args.quiet)
+    return 0
+
+
 def cmd_query(args) -> int:
     import pandas as pd
 
@@ -220,7 +279,13 @@ def cmd_models(args) -> int:
     return 0
 
 
-COMMANDS = {"localize": cmd_localize, "query": cmd_query, "models": cmd_models}
+COMMANDS = {
+    "localize": cmd_localize,
+    "consistency": cmd_consistency,
+    "reproduce": cmd_reproduce,
+    "query": cmd_query,
+    "models": cmd_models,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -152,8 +152,9 @@ def localize(
             "n_neurons": int(len(kn)),
             "max_attribution": float(attr.scores.max()),
             "n_steps": acfg.n_steps,
-            "seconds": round(seconds, 3),
         }
+        # wall-clock times live in their own table so result tables stay byte-identical
+        store.put("timings", key, pd.DataFrame([{**ident, "seconds": round(seconds, 3)}]))
         # the queries row is the unit's completion marker: written last
         store.put("queries", key, pd.DataFrame([row]))
     bar.close()
@@ -173,6 +174,8 @@ def consolidate_localization(store: RunStore) -> pd.DataFrame:
     queries = store.table("queries")
     if len(queries):
         store.consolidate("queries", sort_by=QUERY_SORT)
+    if store.done_keys("timings"):
+        store.consolidate("timings", sort_by=QUERY_SORT)
     for name in ("neuron_sets", "attributions"):
         if store.done_keys(name):
             store.consolidate(name, sort_by=NEURON_SORT)
@@ -194,3 +197,130 @@ def seed_everything(seed: int) -> None:
 
 def default_run_dir(name: str) -> Path:
     return Path("runs") / name
+
+
+# ------------------------------------------------------------------------ screening
+def screen_key(model: Model, query: Query) -> str:
+    return content_hash({"model": model_fingerprint(model), "prompt": query.prompt,
+                         "answer": query.answer, "stage": "screen"})
+
+
+@torch.no_grad()
+def screen(model: Model, facts: FactSet, store: RunStore, *, progress: bool = True,
+           batch_size: int = 32) -> pd.DataFrame:
+    """One forward pass per query: P(answer), the model's top-1 and whether it is the answer.
+
+    Cheap (no gradients); it decides the consistency population (METHODS §2: facts whose
+    answer is top-1 on at least one query) before any attribution is spent on them.
+    Stored per fact in the ``screen`` table.
+    """
+    done = store.done_keys("screen")
+    todo = [f for f in facts if _fact_screen_key(model, f) not in done]
+    bar = tqdm(todo, desc="screening", unit="fact", disable=not progress or not todo)
+    for fact in bar:
+        rows = []
+        for q in fact.queries:
+            ids = model.encode_prompt(q.prompt)
+            target = model.target_id(q.prompt, q.answer)
+            logits = model.hf(input_ids=torch.tensor([ids], device=model.device)).logits[0, -1]
+            p = torch.softmax(logits.float(), -1)
+            pred = int(p.argmax())
+            rows.append({"relation": q.relation, "fact_id": q.fact_id, "query_id": q.query_id,
+                         "prompt": q.prompt, "answer": q.answer, "target_id": target,
+                         "prob": float(p[target]), "predicted": model.tokenizer.decode([pred]),
+                         "known": pred == target})
+        store.put("screen", _fact_screen_key(model, fact), pd.DataFrame(rows))
+    bar.close()
+    table = store.table("screen")
+    ids = {q.query_id for q in facts.queries()}
+    return table[table["query_id"].isin(ids)].reset_index(drop=True)
+
+
+def _fact_screen_key(model: Model, fact) -> str:
+    return content_hash({"model": model_fingerprint(model), "stage": "screen",
+                         "queries": [(q.prompt, q.answer) for q in fact.queries]})
+
+
+def select_population(facts: FactSet, screened: pd.DataFrame, *, population: str = "known",
+                      known_per_relation: int | None = None) -> tuple[FactSet, dict[str, int]]:
+    """The facts to localize: all, or those known (top-1) on at least one query.
+
+    ``known_per_relation`` keeps at most that many population facts per relation (in the
+    source's order). Returns the subset and the number of facts each filter removed.
+    """
+    if population not in ("known", "all"):
+        raise ValueError(f"population must be 'known' or 'all' (got {population!r})")
+    known_facts = set(screened.loc[screened["known"].astype(bool), "fact_id"])
+    kept, removed = [], {"not known by the model": 0, "beyond known_per_relation": 0}
+    per_rel: dict[str, int] = {}
+    for f in facts:
+        if population == "known" and f.fact_id not in known_facts:
+            removed["not known by the model"] += 1
+            continue
+        if known_per_relation is not None and per_rel.get(f.relation, 0) >= known_per_relation:
+            removed["beyond known_per_relation"] += 1
+            continue
+        per_rel[f.relation] = per_rel.get(f.relation, 0) + 1
+        kept.append(f)
+    subset = FactSet(facts=kept, source=facts.source, skipped=dict(facts.skipped),
+                     relations=sorted({f.relation for f in kept}),
+                     relation_labels=getattr(facts, "relation_labels", {}))
+    return subset, {k: v for k, v in removed.items() if v}
+
+
+# ---------------------------------------------------------------------- consistency
+@dataclass
+class ConsistencyResult:
+    scores: pd.DataFrame
+    table1: pd.DataFrame
+    table1_md: str
+    skipped: pd.DataFrame
+    figures: dict[str, tuple[Path, Path]]
+    thresholds: dict[str, dict[str, float]]
+
+
+def consistency(store: RunStore, *, population: str = "known", static_threshold: float = 0.1,
+                query_ids: set[str] | None = None) -> ConsistencyResult:
+    """CS1/CS2 per fact and method, K_I/K_II splits, Welch's t-test, Table 1 and Figure 3.
+
+    Reads the ``queries`` and ``neuron_sets`` tables of a run; writes ``consistency.parquet``,
+    ``table1.csv``/``table1.md`` and ``figures/cs2_violin_<method>.png`` (+ ``.csv``).
+    """
+    from . import consistency as cons
+    from .plots import violin_cs2
+
+    queries = store.table("queries")
+    neurons = store.table("neuron_sets")
+    if query_ids is not None:
+        queries = queries[queries["query_id"].isin(query_ids)]
+        neurons = neurons[neurons["query_id"].isin(query_ids)] if len(neurons) else neurons
+    if queries.empty:
+        from .errors import RunError
+
+        raise RunError(f"run {store.root} has no localized queries; run `knowloc localize` first")
+    if neurons.empty:
+        neurons = pd.DataFrame(columns=["method", "fact_id", "relation", "query_id", "layer",
+                                        "neuron", "attribution"])
+    scores = cons.consistency_scores(queries, neurons, population=population)
+    t1 = cons.table1(scores, thresholds=(("St", static_threshold), ("Ot", "otsu")))
+    md = cons.table1_markdown(t1)
+    skipped = cons.skipped_summary(scores)
+    store.put("consistency", "all", scores)
+    store.consolidate("consistency", sort_by=["method", "fact_id"])
+    t1.to_csv(store.path("table1.csv"), index=False)
+    store.path("table1.md").write_text(md + "\n")
+    skipped.to_csv(store.path("consistency_skipped.csv"), index=False)
+    figures: dict[str, tuple[Path, Path]] = {}
+    thresholds: dict[str, dict[str, float]] = {}
+    for method in [m for m in ("ig", "sig", "amig") if m in set(scores["method"])] + sorted(
+        set(scores["method"]) - {"ig", "sig", "amig"}
+    ):
+        kept = scores[(scores["method"] == method) & scores["skipped"].isna()]
+        ths = {"St": static_threshold}
+        if len(kept):
+            ths["Ot"] = float(cons.otsu_threshold(kept["cs2"].to_numpy()))
+        thresholds[method] = ths
+        png = store.path("figures", f"cs2_violin_{method}.png")
+        violin_cs2(scores, method, png, static_threshold)
+        figures[method] = (png, png.with_suffix(".csv"))
+    return ConsistencyResult(scores, t1, md, skipped, figures, thresholds)

@@ -1,0 +1,441 @@
+"""Benchmark: knowloc's IG engine against the one-layer-at-a-time loop of existing tools.
+
+Usage::
+
+    python benchmarks/attribution.py                      # both models, all engines, 3 repeats
+    python benchmarks/attribution.py --repeats 5 --json runs/bench_attribution.json
+    python benchmarks/attribution.py --models gpt2-small-random --engines knowloc loop
+
+One ParaRel-style query, IG with 20 steps over all layers, measured side by side:
+
+* ``knowloc``  -- ``knowloc.attribute(model, query, "ig")`` with its defaults (cached prefix,
+  last token only, layers x steps batched in memory-budgeted chunks, fused target head);
+* ``loop``     -- the per-layer full-sequence loop that existing tools run, written here as a
+  fair, reasonably efficient version: for each layer one batch of all steps (the prompt
+  repeated ``steps`` times), a forward pre-hook on the down projection that swaps in the
+  scaled activation at the last position, logits only at the last position, P(target) by
+  softmax, ``torch.autograd.grad`` w.r.t. the scaled activations, weights frozen;
+* ``knowledge-neurons`` -- EleutherAI's ``knowledge-neurons==0.0.2`` (optional). It is not
+  installed into the environment: install it beside it with
+  ``pip install --no-deps --target /tmp/kn_site knowledge-neurons==0.0.2`` (``--kn-site``).
+  It hooks the *output* of the up/gate projection (``mlp.c_fc`` for GPT-2, here
+  ``mlp.up_proj`` for Gemma), not the input of the down projection, which is the wrong
+  neuron site (METHODS §0), and integrates over alpha = linspace(0, 1, steps); its scores
+  are therefore not comparable with the other two -- only its time is.
+
+Models: the embedded Gemma 3 270M (``load_model("gemma3-270m")``) and a GPT-2-small config
+with random weights (``GPT2Config()`` defaults: 12 layers, d_model 768, vocab 50257, seeded),
+queried through the word-level tokenizer of ``tests/tiny.py`` (its ids fit GPT-2's vocab;
+any tokenizer does for timing).
+
+Every (model, engine) pair runs in its own subprocess (``--worker MODEL ENGINE``): one
+warm-up run, then the median of ``--repeats`` timed runs. Memory: ``ru_maxrss`` of the
+worker (its peak RSS, model loading included) and its RSS right after loading the model, so
+that peak - model is what the attribution itself needed (a lower bound when loading peaked
+higher than attribution; the load peak is recorded too). The parent checks that knowloc and
+the loop agree (max |a - b| / max |b| over the [layers, d_mlp] map < 1e-4).
+
+This is a benchmark, not a test: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = ("gemma3-270m", "gpt2-small-random")
+ENGINES = ("knowloc", "loop", "knowledge-neurons")
+ENGINE_LABELS = {
+    "knowloc": "knowloc",
+    "loop": "per-layer loop",
+    "knowledge-neurons": "knowledge-neurons 0.0.2",
+}
+QUERIES = {  # model -> (prompt, answer)
+    "gemma3-270m": ("The official language of Brazil is", "Portuguese"),
+    "gpt2-small-random": ("the official language of brazil is", "portuguese"),
+}
+AGREEMENT_TOL = 1e-4
+DEFAULT_KN_SITE = Path("/tmp/kn_site")
+GIB = 2**30
+
+
+# ----------------------------------------------------------------------------- memory
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
+def current_rss_bytes() -> int:
+    """Current resident set size (``/proc/self/statm``; falls back to the peak elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return peak_rss_bytes()
+
+
+# ----------------------------------------------------------------------------- models
+def build_model(name: str) -> Any:
+    """A knowloc ``Model`` (frozen, eval, float32, CPU) for one benchmark model name."""
+    import torch
+
+    from knowloc import load_model
+    from knowloc.models import wrap
+
+    if name == "gemma3-270m":
+        return load_model("gemma3-270m")
+    if name == "gpt2-small-random":
+        from transformers import AutoModelForCausalLM, GPT2Config
+
+        sys.path.insert(0, str(REPO / "tests"))
+        from tiny import make_tokenizer  # word-level tokenizer of the test suite
+
+        torch.manual_seed(0)  # both workers of a model must build the same weights
+        hf = AutoModelForCausalLM.from_config(GPT2Config(), dtype=torch.float32)
+        hf.eval()
+        return wrap(hf, make_tokenizer(bos=False), name=name)
+    raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+
+
+# ------------------------------------------------------------------ baseline: per-layer loop
+def loop_attribute(model: Any, prompt: str, answer: str, n_steps: int) -> Any:
+    """IG scores [n_layers, d_mlp] by the one-layer-at-a-time full-sequence loop.
+
+    Same quantity as ``knowloc.attribute(..., "ig")``: Attr(l, p) = a_lp * (1/m) *
+    sum_{k=1..m} dP(alpha_k a_l)/da_lp, alpha_k = k/m, P the softmax probability of the
+    target at the last position.
+    """
+    import torch
+
+    ids = torch.tensor([model.encode_prompt(prompt)], device=model.device)
+    target = model.target_id(prompt, answer)
+    acts = model.activations(ids[0]).float()  # [L, D], one no-grad forward
+    batch = ids.repeat(n_steps, 1)  # the prompt repeated once per integration step
+    alphas = torch.arange(1, n_steps + 1, dtype=torch.float32, device=model.device) / n_steps
+    base, head, cap = model.base_model(), model.unembedding(), model.logit_softcap()
+    scores = torch.empty(model.n_layers, model.d_mlp, dtype=torch.float32)
+
+    for layer in range(model.n_layers):
+        scaled = (alphas[:, None] * acts[layer][None, :]).to(model.dtype).requires_grad_(True)
+
+        def patch(module: Any, args: tuple[Any, ...], x: Any = scaled) -> tuple[Any, ...]:
+            h = args[0]  # [steps, seq, d_mlp]: replace the last position only
+            return (torch.cat([h[:, :-1], x[:, None, :]], dim=1),) + tuple(args[1:])
+
+        handle = model.down_proj(layer).register_forward_pre_hook(patch)
+        try:
+            with torch.enable_grad():
+                out = base(input_ids=batch, use_cache=False)
+                hidden = out.last_hidden_state[:, -1].contiguous()
+                logits = head(hidden).float()
+                if cap:
+                    logits = torch.tanh(logits / cap) * cap
+                p_target = torch.softmax(logits, dim=-1)[:, target]
+                (grad,) = torch.autograd.grad(p_target.sum(), scaled)
+        finally:
+            handle.remove()
+        scores[layer] = (acts[layer] * grad.float().sum(0) / n_steps).cpu()
+    return scores
+
+
+# ------------------------------------------------------------- optional: knowledge-neurons
+def _install_einops_shim() -> None:
+    """knowledge-neurons imports einops (not a knowloc dependency) only for
+    ``repeat(x, "b d -> (r b) d", r=n)``, i.e. ``x.repeat(n, 1)``; provide just that."""
+    try:
+        import einops  # noqa: F401
+    except ImportError:
+        shim = types.ModuleType("einops")
+
+        def repeat(x: Any, pattern: str, **axes: int) -> Any:
+            if pattern.replace(" ", "") != "bd->(rb)d":
+                raise NotImplementedError(f"einops shim: pattern {pattern!r}")
+            return x.repeat(axes["r"], 1)
+
+        shim.repeat = repeat  # type: ignore[attr-defined]
+        sys.modules["einops"] = shim
+
+
+def knowledge_neurons_runner(
+    model: Any, prompt: str, answer: str, n_steps: int, kn_site: Path
+) -> Callable[[], Any]:
+    """A closure running ``KnowledgeNeurons.get_scores`` (knowledge-neurons 0.0.2).
+
+    Adapted, not fixed: in ``model_type="gpt"`` mode it targets
+    ``tokenizer.encode(answer)``, i.e. for Gemma ``[BOS, "Portuguese" without its leading
+    space]``, and runs one full per-layer sweep per target token with BOS as the first
+    target. ``_prepare_inputs`` is patched to target the gold first token (knowloc's
+    ``target_id``, one sweep). Layer/MLP paths are overridden for Gemma. The hooked site --
+    the output of ``up_proj`` (``c_fc`` for GPT-2) -- is left as the package has it, and it is
+    the wrong one (METHODS §0): the scores are not comparable, only the time.
+    """
+    if not (kn_site / "knowledge_neurons").is_dir():
+        raise RuntimeError(
+            f"knowledge-neurons not found under {kn_site} (pip install --no-deps --target "
+            f"{kn_site} knowledge-neurons==0.0.2)"
+        )
+    _install_einops_shim()
+    sys.path.insert(0, str(kn_site))
+    from knowledge_neurons import KnowledgeNeurons  # type: ignore[import-not-found]
+
+    target_id = model.target_id(prompt, answer)
+
+    class PatchedKnowledgeNeurons(KnowledgeNeurons):  # type: ignore[misc]
+        def _prepare_inputs(self, prompt: str, target: Any = None, encoded_input: Any = None):
+            encoded_input, mask_idx, _ = super()._prepare_inputs(prompt, None, encoded_input)
+            return encoded_input, mask_idx, (None if target is None else [target_id])
+
+    kn = PatchedKnowledgeNeurons(model.hf, model.tokenizer, model_type="gpt", device="cpu")
+    if model.adapter.name == "gemma3":
+        kn.transformer_layers_attr = "model.layers"
+        kn.input_ff_attr = "mlp.up_proj"  # output of up_proj: the package's (wrong) site
+        kn.output_ff_attr = "mlp.down_proj.weight"
+        kn.word_embeddings_attr = "model.embed_tokens.weight"
+    elif model.adapter.name != "gpt2":
+        raise RuntimeError(f"no knowledge-neurons mapping for {model.adapter.name}")
+
+    def run() -> Any:
+        # batch_size = steps: one batch of all steps per layer, like the loop (package default 10)
+        return kn.get_scores(prompt, answer, batch_size=n_steps, steps=n_steps, pbar=False)
+
+    return run
+
+
+# ----------------------------------------------------------------------------- worker
+def worker(
+    model_name: str, engine: str, repeats: int, n_steps: int, scores_out: Path | None, kn_site: Path
+) -> dict[str, Any]:
+    import torch
+
+    from knowloc import attribute
+
+    model = build_model(model_name)
+    rss_model = current_rss_bytes()
+    peak_after_load = peak_rss_bytes()
+    prompt, answer = QUERIES[model_name]
+
+    run: Callable[[], Any]
+    if engine == "knowloc":
+        def run() -> Any:
+            return attribute(model, (prompt, answer), "ig", n_steps=n_steps, progress=False).scores
+    elif engine == "loop":
+        def run() -> Any:
+            return loop_attribute(model, prompt, answer, n_steps)
+    elif engine == "knowledge-neurons":
+        run = knowledge_neurons_runner(model, prompt, answer, n_steps, kn_site)
+    else:
+        raise SystemExit(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+
+    scores = run()  # warm-up
+    times: list[float] = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        scores = run()
+        times.append(time.perf_counter() - t0)
+    if scores_out is not None:
+        np.save(scores_out, scores.detach().float().cpu().numpy())
+    return {
+        "model": model_name,
+        "engine": engine,
+        "status": "ok",
+        "seconds": statistics.median(times),
+        "times": times,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "model_rss_bytes": rss_model,
+        "load_peak_rss_bytes": peak_after_load,
+        "n_layers": model.n_layers,
+        "d_mlp": model.d_mlp,
+        "seq_len": len(model.encode_prompt(prompt)),
+        "n_steps": n_steps,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+# ----------------------------------------------------------------------------- parent
+@dataclass
+class Result:
+    model: str
+    engine: str
+    status: str
+    reason: str | None = None
+    seconds: float | None = None
+    times: list[float] = field(default_factory=list)
+    peak_rss_bytes: int | None = None
+    model_rss_bytes: int | None = None
+    load_peak_rss_bytes: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def peak_gib(self) -> float:
+        return (self.peak_rss_bytes or 0) / GIB
+
+    @property
+    def model_gib(self) -> float:
+        return (self.model_rss_bytes or 0) / GIB
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def run_worker(
+    model: str, engine: str, args: argparse.Namespace, scores_out: Path | None
+) -> Result:
+    cmd = [
+        sys.executable, str(Path(__file__).resolve()), "--worker", model, engine,
+        "--repeats", str(args.repeats), "--steps", str(args.steps), "--kn-site", str(args.kn_site),
+    ]
+    if scores_out is not None:
+        cmd += ["--scores-out", str(scores_out)]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    print(f"  running {model} / {engine} ...", file=sys.stderr, flush=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return Result(model, engine, "failed", reason=f"timed out after {args.timeout} s")
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            rec = json.loads(line)
+            keys = {"model", "engine", "status", "reason", "seconds", "times", "peak_rss_bytes",
+                    "model_rss_bytes", "load_peak_rss_bytes"}
+            return Result(**{k: v for k, v in rec.items() if k in keys},
+                          extra={k: v for k, v in rec.items() if k not in keys})
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return Result(model, engine, "failed", reason=f"worker exit {proc.returncode}: {tail}")
+
+
+def max_relative_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a - b| / max |b| over the whole map (elementwise ratios blow up near zero)."""
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    return float(np.abs(a64 - b64).max() / max(np.abs(b64).max(), np.finfo(np.float64).tiny))
+
+
+def fmt_s(x: float | None) -> str:
+    return "-" if x is None else (f"{x:.2f}" if x < 10 else f"{x:.1f}")
+
+
+def report(results: list[Result], agreement: dict[str, float | None], args: argparse.Namespace) -> None:
+    print(f"\nIG attribution, {args.steps} steps, all layers, 1 query; median of {args.repeats} "
+          f"runs after 1 warm-up; {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}")
+    head = (f"{'model':<19} {'engine':<24} {'s/query':>8}  {'runs (s)':<22} "
+            f"{'peak GiB':>8} {'model GiB':>9} {'peak-model':>10}")
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        if r.ok:
+            runs = " ".join(fmt_s(t) for t in r.times)
+            print(f"{r.model:<19} {ENGINE_LABELS[r.engine]:<24} {fmt_s(r.seconds):>8}  {runs:<22} "
+                  f"{r.peak_gib:>8.2f} {r.model_gib:>9.2f} {r.peak_gib - r.model_gib:>10.2f}")
+        else:
+            print(f"{r.model:<19} {ENGINE_LABELS[r.engine]:<24} {'-':>8}  not run ({r.reason})")
+    print()
+    for model, diff in agreement.items():
+        if diff is None:
+            print(f"{model}: agreement knowloc vs per-layer loop: not checked (a run failed)")
+        else:
+            verdict = "OK" if diff < AGREEMENT_TOL else "MISMATCH"
+            print(f"{model}: agreement knowloc vs per-layer loop: max rel diff {diff:.2e} "
+                  f"(tol {AGREEMENT_TOL:.0e}) {verdict}")
+    print()
+    by = {(r.model, r.engine): r for r in results}
+    for model in dict.fromkeys(r.model for r in results):
+        ours, loop, kn = by.get((model, "knowloc")), by.get((model, "loop")), by.get((model, "knowledge-neurons"))
+        parts = []
+        for r in (ours, loop):
+            if r is not None:
+                label = ENGINE_LABELS[r.engine]
+                parts.append(f"{label} {fmt_s(r.seconds)} s/query (peak {r.peak_gib:.1f} GiB)"
+                             if r.ok else f"{label} not run ({r.reason})")
+        if ours is not None and loop is not None and ours.ok and loop.ok:
+            parts.append(f"ratio {loop.seconds / ours.seconds:.1f}x")
+        print(f"{model}: " + " | ".join(parts))
+        if kn is not None:
+            if kn.ok and ours is not None and ours.ok:
+                print(f"{model}: knowledge-neurons {fmt_s(kn.seconds)} s/query (peak "
+                      f"{kn.peak_gib:.1f} GiB; scores not comparable: hooks the up-projection "
+                      f"output) | ratio {kn.seconds / ours.seconds:.1f}x")
+            elif kn.ok:
+                print(f"{model}: knowledge-neurons {fmt_s(kn.seconds)} s/query (peak {kn.peak_gib:.1f} GiB)")
+            else:
+                print(f"knowledge-neurons: not run ({kn.reason})")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    ap.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
+    ap.add_argument("--steps", type=int, default=20, help="IG integration steps")
+    ap.add_argument("--json", type=Path, default=None, help="save the results to this file")
+    ap.add_argument("--kn-site", type=Path, default=DEFAULT_KN_SITE,
+                    help="--target directory holding knowledge-neurons==0.0.2")
+    ap.add_argument("--timeout", type=int, default=3600, help="seconds per worker")
+    ap.add_argument("--worker", nargs=2, metavar=("MODEL", "ENGINE"), help=argparse.SUPPRESS)
+    ap.add_argument("--scores-out", type=Path, default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        model, engine = args.worker
+        try:
+            rec = worker(model, engine, args.repeats, args.steps, args.scores_out, args.kn_site)
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, not raised
+            rec = {"model": model, "engine": engine, "status": "failed",
+                   "reason": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+        print(json.dumps(rec), flush=True)
+        return 0
+
+    results: list[Result] = []
+    agreement: dict[str, float | None] = {}
+    with tempfile.TemporaryDirectory(prefix="knowloc-bench-") as tmp:
+        for model in args.models:
+            paths: dict[str, Path] = {}
+            for engine in args.engines:
+                out = Path(tmp) / f"{model}-{engine}.npy" if engine in ("knowloc", "loop") else None
+                res = run_worker(model, engine, args, out)
+                results.append(res)
+                if res.ok and out is not None:
+                    paths[engine] = out
+            if "knowloc" in args.engines and "loop" in args.engines:
+                agreement[model] = (
+                    max_relative_diff(np.load(paths["knowloc"]), np.load(paths["loop"]))
+                    if len(paths) == 2 else None
+                )
+    report(results, agreement, args)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "n_steps": args.steps,
+            "repeats": args.repeats,
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "agreement_max_rel_diff": agreement,
+            "agreement_tol": AGREEMENT_TOL,
+            "results": [asdict(r) for r in results],
+        }
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"\nresults saved to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

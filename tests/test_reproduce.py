@@ -1,0 +1,129 @@
+"""`knowloc reproduce` and `knowloc consistency` end to end on a tiny model saved to disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from tiny import tiny_model
+
+from knowloc.cli import main
+from knowloc.report import report_manifest
+
+TEMPLATES = [
+    "the official language of [X] is [Y]",
+    "the language spoken in [X] is [Y]",
+    "people in [X] speak [Y]",
+    "in [X] people speak [Y]",
+]
+FACTS = [("brazil", "portuguese"), ("france", "french"), ("spain", "spanish"),
+         ("germany", "german"), ("italy", "italian"), ("japan", "japanese")]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny LLaMA-architecture model + tokenizer saved as a local model directory."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    m = tiny_model("llama")
+    m.hf.save_pretrained(d)
+    m.tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def facts_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("facts") / "facts.jsonl"
+    with p.open("w") as f:
+        for s, o in FACTS:
+            f.write(json.dumps({"relation": "P37", "subject": s, "object": o,
+                                "templates": TEMPLATES}) + "\n")
+        for s, o in [("paris", "france"), ("madrid", "spain"), ("berlin", "germany")]:
+            f.write(json.dumps({"relation": "P1376", "subject": s, "object": o,
+                                "templates": ["[X] is the capital of [Y]",
+                                              "[X] is the capital city of [Y]",
+                                              "[X] , the capital of [Y]"]})
+                    + "\n")
+    return p
+
+
+def _args(model_dir, facts, out, methods="ig,amig"):
+    return ["-q", "reproduce", "--model", str(model_dir), "--dataset", f"jsonl:{facts}",
+            "--method", methods, "--n-steps", "3", "--population", "all", "--out", str(out)]
+
+
+def test_reproduce_writes_a_complete_report(tiny_dir, facts_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(tiny_dir, facts_file, out)) == 0
+    report = out / "report.html"
+    assert report.exists()
+    man = report_manifest(report)
+    assert {"overview", "localization", "consistency-analysis-table-1"} <= set(man["sections"])
+    assert man["has_run_info"]
+    assert any("Table 1" in t for t in man["tables"])
+    captions = " ".join(man["figures"])
+    assert "CS2 per relation, IG" in captions and "CS2 per relation, AMIG" in captions
+    assert "knowledge neurons per layer" in captions
+    assert not man["missing_figures"] and not man["external_refs"]
+    for link in man["csv_links"]:
+        assert (out / link).exists(), link
+    t1 = pd.read_csv(out / "table1.csv")
+    assert set(t1["method"]) == {"ig", "amig"} and set(t1["T"]) == {"St", "Ot"}
+    q = pd.read_parquet(out / "queries.parquet")
+    # quick preset: 2 facts per relation -> 2 methods x (2 x 4 + 2 x 3) queries
+    assert len(q) == 2 * (2 * 4 + 2 * 3)
+    assert not q.duplicated(["method", "query_id"]).any()
+
+
+def test_consistency_command_matches_reproduce(tiny_dir, facts_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(tiny_dir, facts_file, out, methods="ig")) == 0
+    before = (out / "table1.csv").read_bytes()
+    capsys.readouterr()
+    assert main(["consistency", "--run", str(out), "--population", "all"]) == 0
+    printed = capsys.readouterr().out
+    assert "| ig | St |" in printed
+    assert (out / "table1.csv").read_bytes() == before
+
+
+def test_same_config_gives_byte_identical_tables(tiny_dir, facts_file, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(_args(tiny_dir, facts_file, a, methods="ig")) == 0
+    assert main(_args(tiny_dir, facts_file, b, methods="ig")) == 0
+    for table in ("queries", "neuron_sets", "attributions", "consistency"):
+        assert (a / f"{table}.parquet").read_bytes() == (b / f"{table}.parquet").read_bytes(), table
+
+
+def test_killed_reproduce_resumes_to_the_same_tables(tiny_dir, facts_file, tmp_path):
+    """SIGKILL a real `knowloc reproduce` mid-run, rerun it, compare with an uninterrupted run."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert main(_args(tiny_dir, facts_file, ref)) == 0
+    cmd = [sys.executable, "-m", "knowloc.cli", *_args(tiny_dir, facts_file, run)]
+    cmd[cmd.index("--n-steps") + 1] = "3"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    parts = run / "parts" / "queries"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if parts.exists() and len(list(parts.glob("*.parquet"))) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_before = len(list(parts.glob("*.parquet")))
+    assert 0 < n_before < 2 * (2 * 4 + 2 * 3)
+    done_mtimes = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.parquet")}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    # finished units were not recomputed
+    for name, mtime in done_mtimes.items():
+        assert (parts / name).stat().st_mtime_ns == mtime
+    for table in ("queries", "neuron_sets", "attributions", "consistency"):
+        assert (ref / f"{table}.parquet").read_bytes() == (run / f"{table}.parquet").read_bytes(), table
