@@ -41,6 +41,7 @@ This is a benchmark, not a test: nothing here asserts a speed.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -89,6 +90,16 @@ def current_rss_bytes() -> int:
         return pages * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return peak_rss_bytes()
+
+
+def system_busy_seconds() -> float | None:
+    """CPU seconds all processes of the machine have been busy (``/proc/stat``), or None."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 # ----------------------------------------------------------------------------- models
@@ -233,9 +244,11 @@ def worker(
 
     run: Callable[[], Any]
     if engine == "knowloc":
+
         def run() -> Any:
             return attribute(model, (prompt, answer), "ig", n_steps=n_steps, progress=False).scores
     elif engine == "loop":
+
         def run() -> Any:
             return loop_attribute(model, prompt, answer, n_steps)
     elif engine == "knowledge-neurons":
@@ -245,10 +258,20 @@ def worker(
 
     scores = run()  # warm-up
     times: list[float] = []
+    cpu_times: list[float] = []
+    busy0, c_all0, t_all0 = system_busy_seconds(), time.process_time(), time.perf_counter()
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        gc.collect()
+        c0, t0 = time.process_time(), time.perf_counter()
         scores = run()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+    busy1, c_all1, t_all1 = system_busy_seconds(), time.process_time(), time.perf_counter()
+    # share of the machine's CPU capacity used by *other* processes while timing
+    contention = None
+    if busy0 is not None and busy1 is not None:
+        other = (busy1 - busy0) - (c_all1 - c_all0)
+        contention = max(0.0, other) / ((t_all1 - t_all0) * (os.cpu_count() or 1))
     if scores_out is not None:
         np.save(scores_out, scores.detach().float().cpu().numpy())
     return {
@@ -257,6 +280,9 @@ def worker(
         "status": "ok",
         "seconds": statistics.median(times),
         "times": times,
+        "cpu_seconds": statistics.median(cpu_times),
+        "cpu_times": cpu_times,
+        "other_cpu_load": contention,
         "peak_rss_bytes": peak_rss_bytes(),
         "model_rss_bytes": rss_model,
         "load_peak_rss_bytes": peak_after_load,
@@ -299,24 +325,46 @@ def run_worker(
     model: str, engine: str, args: argparse.Namespace, scores_out: Path | None
 ) -> Result:
     cmd = [
-        sys.executable, str(Path(__file__).resolve()), "--worker", model, engine,
-        "--repeats", str(args.repeats), "--steps", str(args.steps), "--kn-site", str(args.kn_site),
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        model,
+        engine,
+        "--repeats",
+        str(args.repeats),
+        "--steps",
+        str(args.steps),
+        "--kn-site",
+        str(args.kn_site),
     ]
     if scores_out is not None:
         cmd += ["--scores-out", str(scores_out)]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     print(f"  running {model} / {engine} ...", file=sys.stderr, flush=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+        proc = subprocess.run(
+            cmd, check=False, capture_output=True, text=True, env=env, timeout=args.timeout
+        )
     except subprocess.TimeoutExpired:
         return Result(model, engine, "failed", reason=f"timed out after {args.timeout} s")
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
             rec = json.loads(line)
-            keys = {"model", "engine", "status", "reason", "seconds", "times", "peak_rss_bytes",
-                    "model_rss_bytes", "load_peak_rss_bytes"}
-            return Result(**{k: v for k, v in rec.items() if k in keys},
-                          extra={k: v for k, v in rec.items() if k not in keys})
+            keys = {
+                "model",
+                "engine",
+                "status",
+                "reason",
+                "seconds",
+                "times",
+                "peak_rss_bytes",
+                "model_rss_bytes",
+                "load_peak_rss_bytes",
+            }
+            return Result(
+                **{k: v for k, v in rec.items() if k in keys},
+                extra={k: v for k, v in rec.items() if k not in keys},
+            )
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     return Result(model, engine, "failed", reason=f"worker exit {proc.returncode}: {tail}")
 
@@ -331,50 +379,100 @@ def fmt_s(x: float | None) -> str:
     return "-" if x is None else (f"{x:.2f}" if x < 10 else f"{x:.1f}")
 
 
-def report(results: list[Result], agreement: dict[str, float | None], args: argparse.Namespace) -> None:
-    print(f"\nIG attribution, {args.steps} steps, all layers, 1 query; median of {args.repeats} "
-          f"runs after 1 warm-up; {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}")
-    head = (f"{'model':<19} {'engine':<24} {'s/query':>8}  {'runs (s)':<22} "
-            f"{'peak GiB':>8} {'model GiB':>9} {'peak-model':>10}")
+def report(
+    results: list[Result], agreement: dict[str, float | None], args: argparse.Namespace
+) -> None:
+    print(
+        f"\nIG attribution, {args.steps} steps, all layers, 1 query; median of {args.repeats} "
+        f"runs after 1 warm-up; {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}"
+    )
+    head = (
+        f"{'model':<19} {'engine':<24} {'s/query':>8}  {'runs (s)':<17} {'cpu s':>6} "
+        f"{'other load':>10} {'peak GiB':>8} {'model GiB':>9} {'peak-model':>10}"
+    )
     print(head)
     print("-" * len(head))
     for r in results:
         if r.ok:
             runs = " ".join(fmt_s(t) for t in r.times)
-            print(f"{r.model:<19} {ENGINE_LABELS[r.engine]:<24} {fmt_s(r.seconds):>8}  {runs:<22} "
-                  f"{r.peak_gib:>8.2f} {r.model_gib:>9.2f} {r.peak_gib - r.model_gib:>10.2f}")
+            other = r.extra.get("other_cpu_load")
+            other_s = "-" if other is None else f"{100 * other:.0f}%"
+            print(
+                f"{r.model:<19} {ENGINE_LABELS[r.engine]:<24} {fmt_s(r.seconds):>8}  {runs:<17} "
+                f"{fmt_s(r.extra.get('cpu_seconds')):>6} {other_s:>10} "
+                f"{r.peak_gib:>8.2f} {r.model_gib:>9.2f} {r.peak_gib - r.model_gib:>10.2f}"
+            )
         else:
             print(f"{r.model:<19} {ENGINE_LABELS[r.engine]:<24} {'-':>8}  not run ({r.reason})")
+    print(
+        "s/query: median wall time; cpu s: median process CPU time per query; other load: share "
+        "of the machine's CPU used by other processes while timing (timings are only "
+        "trustworthy near 0%); peak: ru_maxrss of the worker; model: its RSS after loading"
+    )
     print()
     for model, diff in agreement.items():
         if diff is None:
             print(f"{model}: agreement knowloc vs per-layer loop: not checked (a run failed)")
         else:
             verdict = "OK" if diff < AGREEMENT_TOL else "MISMATCH"
-            print(f"{model}: agreement knowloc vs per-layer loop: max rel diff {diff:.2e} "
-                  f"(tol {AGREEMENT_TOL:.0e}) {verdict}")
+            print(
+                f"{model}: agreement knowloc vs per-layer loop: max rel diff {diff:.2e} "
+                f"(tol {AGREEMENT_TOL:.0e}) {verdict}"
+            )
     print()
     by = {(r.model, r.engine): r for r in results}
     for model in dict.fromkeys(r.model for r in results):
-        ours, loop, kn = by.get((model, "knowloc")), by.get((model, "loop")), by.get((model, "knowledge-neurons"))
+        ours, loop, kn = (
+            by.get((model, "knowloc")),
+            by.get((model, "loop")),
+            by.get((model, "knowledge-neurons")),
+        )
         parts = []
         for r in (ours, loop):
             if r is not None:
                 label = ENGINE_LABELS[r.engine]
-                parts.append(f"{label} {fmt_s(r.seconds)} s/query (peak {r.peak_gib:.1f} GiB)"
-                             if r.ok else f"{label} not run ({r.reason})")
+                parts.append(
+                    f"{label} {fmt_s(r.seconds)} s/query (peak {r.peak_gib:.1f} GiB)"
+                    if r.ok
+                    else f"{label} not run ({r.reason})"
+                )
         if ours is not None and loop is not None and ours.ok and loop.ok:
             parts.append(f"ratio {loop.seconds / ours.seconds:.1f}x")
         print(f"{model}: " + " | ".join(parts))
         if kn is not None:
             if kn.ok and ours is not None and ours.ok:
-                print(f"{model}: knowledge-neurons {fmt_s(kn.seconds)} s/query (peak "
-                      f"{kn.peak_gib:.1f} GiB; scores not comparable: hooks the up-projection "
-                      f"output) | ratio {kn.seconds / ours.seconds:.1f}x")
+                print(
+                    f"{model}: knowledge-neurons {fmt_s(kn.seconds)} s/query (peak "
+                    f"{kn.peak_gib:.1f} GiB; scores not comparable: hooks the up-projection "
+                    f"output) | ratio {kn.seconds / ours.seconds:.1f}x"
+                )
             elif kn.ok:
-                print(f"{model}: knowledge-neurons {fmt_s(kn.seconds)} s/query (peak {kn.peak_gib:.1f} GiB)")
+                print(
+                    f"{model}: knowledge-neurons {fmt_s(kn.seconds)} s/query (peak {kn.peak_gib:.1f} GiB)"
+                )
             else:
                 print(f"knowledge-neurons: not run ({kn.reason})")
+
+
+def source_fingerprint() -> dict[str, str | None]:
+    """Git commit and sha256 of the engine source measured (the working tree may be dirty)."""
+    import hashlib
+
+    try:
+        commit = (
+            subprocess.run(
+                ["git", "-C", str(REPO), "rev-parse", "HEAD"],
+                check=False,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+            or None
+        )
+    except OSError:
+        commit = None
+    src = REPO / "src" / "knowloc" / "attribution.py"
+    digest = hashlib.sha256(src.read_bytes()).hexdigest() if src.exists() else None
+    return {"git_commit": commit, "attribution_py_sha256": digest}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -384,8 +482,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
     ap.add_argument("--steps", type=int, default=20, help="IG integration steps")
     ap.add_argument("--json", type=Path, default=None, help="save the results to this file")
-    ap.add_argument("--kn-site", type=Path, default=DEFAULT_KN_SITE,
-                    help="--target directory holding knowledge-neurons==0.0.2")
+    ap.add_argument(
+        "--kn-site",
+        type=Path,
+        default=DEFAULT_KN_SITE,
+        help="--target directory holding knowledge-neurons==0.0.2",
+    )
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per worker")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "ENGINE"), help=argparse.SUPPRESS)
     ap.add_argument("--scores-out", type=Path, default=None, help=argparse.SUPPRESS)
@@ -399,11 +501,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             rec = worker(model, engine, args.repeats, args.steps, args.scores_out, args.kn_site)
         except Exception as exc:  # noqa: BLE001 - reported to the parent, not raised
-            rec = {"model": model, "engine": engine, "status": "failed",
-                   "reason": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+            rec = {
+                "model": model,
+                "engine": engine,
+                "status": "failed",
+                "reason": f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
+            }
         print(json.dumps(rec), flush=True)
         return 0
 
+    fingerprint = source_fingerprint()  # of the engine source as the workers start
     results: list[Result] = []
     agreement: dict[str, float | None] = {}
     with tempfile.TemporaryDirectory(prefix="knowloc-bench-") as tmp:
@@ -418,7 +525,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if "knowloc" in args.engines and "loop" in args.engines:
                 agreement[model] = (
                     max_relative_diff(np.load(paths["knowloc"]), np.load(paths["loop"]))
-                    if len(paths) == 2 else None
+                    if len(paths) == 2
+                    else None
                 )
     report(results, agreement, args)
     if args.json is not None:
@@ -428,6 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "repeats": args.repeats,
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),
+            "knowloc_source": fingerprint,
             "agreement_max_rel_diff": agreement,
             "agreement_tol": AGREEMENT_TOL,
             "results": [asdict(r) for r in results],

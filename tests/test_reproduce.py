@@ -127,3 +127,27 @@ def test_killed_reproduce_resumes_to_the_same_tables(tiny_dir, facts_file, tmp_p
         assert (parts / name).stat().st_mtime_ns == mtime
     for table in ("queries", "neuron_sets", "attributions", "consistency"):
         assert (ref / f"{table}.parquet").read_bytes() == (run / f"{table}.parquet").read_bytes(), table
+
+
+def test_consistency_localizes_what_is_missing(tiny_dir, facts_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["-q", "consistency", "--run", str(out), "--localize", "--model", str(tiny_dir),
+            "--dataset", f"jsonl:{facts_file}", "--method", "ig", "--n-steps", "3",
+            "--population", "all", "--max-queries-per-fact", "2"]
+    assert main(args) == 0
+    assert (out / "table1.csv").exists() and (out / "neuron_sets.parquet").exists()
+    q = pd.read_parquet(out / "queries.parquet")
+    assert len(q) == 9 * 2  # 9 facts x 2 queries, one method
+    capsys.readouterr()
+    assert main(args) == 0  # second time: nothing left to localize
+    assert "localized 0 queries (18 already done)" in capsys.readouterr().out
+
+
+def test_context_prefix_is_prepended(facts_file):
+    from knowloc.data import load_facts, with_context
+
+    fs = load_facts(f"jsonl:{facts_file}")
+    ctx = with_context(fs, "Paris is the capital of France.")
+    assert ctx.queries()[0].prompt == "Paris is the capital of France. " + fs.queries()[0].prompt
+    assert [q.query_id for q in ctx.queries()] == [q.query_id for q in fs.queries()]
+    assert with_context(fs, None) is fs

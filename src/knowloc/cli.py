@@ -39,6 +39,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--facts-per-relation", type=int, default=None)
     g.add_argument("--max-queries-per-fact", type=int, default=None)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--context", default=None,
+                   help="text prepended to every prompt, e.g. a short few-shot prefix "
+                        "(helps small models such as smollm2-135m); off by default")
 
 
 def _add_attr_args(p: argparse.ArgumentParser) -> None:
@@ -81,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--population", default="known", choices=["known", "all"],
                    help="facts known (top-1 on >= 1 query) or all facts (default: known)")
     p.add_argument("--static-threshold", type=float, default=0.1)
+    p.add_argument("--localize", action="store_true",
+                   help="first localize what is missing, with the dataset/model/attribution "
+                        "options below (same as `knowloc localize`)")
+    _add_model_args(p)
+    _add_data_args(p)
+    _add_attr_args(p)
+    p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("reproduce", help="run every experiment end to end and write report.html")
     _add_model_args(p)
@@ -179,13 +189,14 @@ def _localize_one(args, selection) -> int:
 
 
 def _localize_dataset(args, selection) -> int:
-    from .data import load_facts
+    from .data import load_facts, with_context
     from .experiments import LocalizeConfig, localize, model_fingerprint, seed_everything
     from .store import RunStore, environment_info
 
     facts = load_facts(args.dataset, relations=args.relations,
                        facts_per_relation=args.facts_per_relation, seed=args.seed,
                        max_queries_per_fact=args.max_queries_per_fact)
+    facts = with_context(facts, args.context)
     _say(f"{len(facts)} facts, {len(facts.queries())} queries from {facts.source} "
          f"(skipped: {dict(facts.skipped) or 'none'})")
     seed_everything(args.seed)
@@ -201,6 +212,7 @@ def _localize_dataset(args, selection) -> int:
         "dataset": {"source": facts.source, "relations": facts.relations,
                     "facts_per_relation": args.facts_per_relation,
                     "max_queries_per_fact": args.max_queries_per_fact,
+                    "context": args.context,
                     "n_facts": len(facts), "n_queries": len(facts.queries()),
                     "skipped": dict(facts.skipped)},
         "localize": cfg.as_dict(),
@@ -221,9 +233,15 @@ def _localize_dataset(args, selection) -> int:
 
 
 def cmd_consistency(args) -> int:
+    from .attribution import AttributionConfig
     from .experiments import consistency
     from .store import RunStore
 
+    if args.localize:
+        args.out = args.run
+        for m in args.method:
+            AttributionConfig(method=m, n_steps=args.n_steps, sig_mode=args.sig_mode).validate()
+        _localize_dataset(args, _selection(args))
     if not (args.run / "config.yaml").exists():
         raise ConfigError(f"{args.run} is not a knowloc run directory (no config.yaml); "
                           "run `knowloc localize --dataset ... --out RUN` first")

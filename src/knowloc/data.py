@@ -28,7 +28,7 @@ import random
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import replace, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -639,3 +639,19 @@ def _build_fact(rf: _RawFact, max_queries: int | None) -> Fact:
         for i, t in enumerate(templates)
     )
     return Fact(rf.fact_id, rf.relation, rf.subject, rf.object, queries)
+
+
+def with_context(facts: FactSet, context: str | None) -> FactSet:
+    """The same facts with ``context`` (e.g. a short few-shot prefix) before every prompt.
+
+    Small models such as SmolLM2 recall facts better after a few solved examples; the
+    prefix is part of the prompt, so it changes the work-unit keys of a run.
+    """
+    if not context or not context.strip():
+        return facts
+    prefix = " ".join(context.split())
+    new = [
+        replace(f, queries=tuple(replace(q, prompt=f"{prefix} {q.prompt}") for q in f.queries))
+        for f in facts.facts
+    ]
+    return replace(facts, facts=new)

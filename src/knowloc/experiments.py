@@ -207,33 +207,58 @@ def screen_key(model: Model, query: Query) -> str:
 
 @torch.no_grad()
 def screen(model: Model, facts: FactSet, store: RunStore, *, progress: bool = True,
-           batch_size: int = 32) -> pd.DataFrame:
+           known_per_relation: int | None = None) -> pd.DataFrame:
     """One forward pass per query: P(answer), the model's top-1 and whether it is the answer.
 
     Cheap (no gradients); it decides the consistency population (METHODS §2: facts whose
     answer is top-1 on at least one query) before any attribution is spent on them.
-    Stored per fact in the ``screen`` table.
+    Stored per fact in the ``screen`` table. With ``known_per_relation``, facts are screened
+    in order and a relation stops being screened once that many of its facts are known.
     """
     done = store.done_keys("screen")
-    todo = [f for f in facts if _fact_screen_key(model, f) not in done]
-    bar = tqdm(todo, desc="screening", unit="fact", disable=not progress or not todo)
-    for fact in bar:
-        rows = []
-        for q in fact.queries:
-            ids = model.encode_prompt(q.prompt)
-            target = model.target_id(q.prompt, q.answer)
-            logits = model.hf(input_ids=torch.tensor([ids], device=model.device)).logits[0, -1]
-            p = torch.softmax(logits.float(), -1)
-            pred = int(p.argmax())
-            rows.append({"relation": q.relation, "fact_id": q.fact_id, "query_id": q.query_id,
-                         "prompt": q.prompt, "answer": q.answer, "target_id": target,
-                         "prob": float(p[target]), "predicted": model.tokenizer.decode([pred]),
-                         "known": pred == target})
-        store.put("screen", _fact_screen_key(model, fact), pd.DataFrame(rows))
+    known_count: dict[str, int] = {}
+    bar = tqdm(total=len(facts), desc="screening", unit="fact", disable=not progress)
+    for fact in facts:
+        bar.update(1)
+        if known_per_relation is not None and known_count.get(fact.relation, 0) >= known_per_relation:
+            continue
+        key = _fact_screen_key(model, fact)
+        if key in done:
+            part = store.get("screen", key)
+        else:
+            rows = _screen_fact(model, fact)
+            part = pd.DataFrame(rows)
+            store.put("screen", key, part)
+        if bool(part["known"].any()):
+            known_count[fact.relation] = known_count.get(fact.relation, 0) + 1
     bar.close()
     table = store.table("screen")
     ids = {q.query_id for q in facts.queries()}
     return table[table["query_id"].isin(ids)].reset_index(drop=True)
+
+
+def _screen_fact(model: Model, fact) -> list[dict[str, Any]]:
+    """Forward passes for a fact's queries, batched by token length, logits at the end only."""
+    encoded = [(q, model.encode_prompt(q.prompt), model.target_id(q.prompt, q.answer))
+               for q in fact.queries]
+    by_len: dict[int, list[int]] = {}
+    for i, (_, ids, _) in enumerate(encoded):
+        by_len.setdefault(len(ids), []).append(i)
+    probs: dict[int, torch.Tensor] = {}
+    for idx in by_len.values():
+        x = torch.tensor([encoded[i][1] for i in idx], device=model.device)
+        logits = model.hf(input_ids=x, logits_to_keep=1).logits[:, -1].float()
+        for i, row in zip(idx, torch.softmax(logits, -1)):
+            probs[i] = row
+    rows = []
+    for i, (q, _, target) in enumerate(encoded):
+        p = probs[i]
+        pred = int(p.argmax())
+        rows.append({"relation": q.relation, "fact_id": q.fact_id, "query_id": q.query_id,
+                     "prompt": q.prompt, "answer": q.answer, "target_id": target,
+                     "prob": float(p[target]), "predicted": model.tokenizer.decode([pred]),
+                     "known": pred == target})
+    return rows
 
 
 def _fact_screen_key(model: Model, fact) -> str:
@@ -251,9 +276,15 @@ def select_population(facts: FactSet, screened: pd.DataFrame, *, population: str
     if population not in ("known", "all"):
         raise ValueError(f"population must be 'known' or 'all' (got {population!r})")
     known_facts = set(screened.loc[screened["known"].astype(bool), "fact_id"])
-    kept, removed = [], {"not known by the model": 0, "beyond known_per_relation": 0}
+    seen = set(screened["fact_id"])
+    kept: list = []
+    removed = {"not screened: relation's quota of known facts reached": 0,
+               "not known by the model": 0, "beyond known_per_relation": 0}
     per_rel: dict[str, int] = {}
     for f in facts:
+        if f.fact_id not in seen:
+            removed["not screened: relation's quota of known facts reached"] += 1
+            continue
         if population == "known" and f.fact_id not in known_facts:
             removed["not known by the model"] += 1
             continue

@@ -55,9 +55,10 @@ PRESETS: dict[str, Preset] = {
     "standard": Preset(
         name="standard",
         description="ParaRel: every relation with >= 2 usable templates, its first 2 known "
-        "facts, all their queries, IG/SIG/AMIG, 20 steps",
+        "facts, up to 4 queries each, IG/SIG/AMIG, 20 steps",
         dataset="pararel",
         known_per_relation=2,
+        max_queries_per_fact=4,
     ),
     "paper": Preset(
         name="paper",
@@ -149,7 +150,9 @@ def reproduce(
     store.write_env(environment_info({"command": "reproduce", "preset": p.name}))
 
     with _timed(timings, "screen (one forward per query)"):
-        screened = screen(model, facts, store, progress=progress)
+        screened = screen(model, facts, store, progress=progress,
+                          known_per_relation=p.known_per_relation
+                          if p.population == "known" else None)
     population, removed = select_population(facts, screened, population=p.population,
                                             known_per_relation=p.known_per_relation)
     if not population.facts:
