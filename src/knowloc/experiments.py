@@ -207,21 +207,27 @@ def screen_key(model: Model, query: Query) -> str:
 
 @torch.no_grad()
 def screen(model: Model, facts: FactSet, store: RunStore, *, progress: bool = True,
-           known_per_relation: int | None = None) -> pd.DataFrame:
+           known_per_relation: int | None = None,
+           max_per_relation: int | None = None) -> pd.DataFrame:
     """One forward pass per query: P(answer), the model's top-1 and whether it is the answer.
 
     Cheap (no gradients); it decides the consistency population (METHODS §2: facts whose
     answer is top-1 on at least one query) before any attribution is spent on them.
     Stored per fact in the ``screen`` table. With ``known_per_relation``, facts are screened
-    in order and a relation stops being screened once that many of its facts are known.
+    in order and a relation stops being screened once that many of its facts are known;
+    ``max_per_relation`` caps the number of facts screened per relation.
     """
     done = store.done_keys("screen")
     known_count: dict[str, int] = {}
+    seen_count: dict[str, int] = {}
     bar = tqdm(total=len(facts), desc="screening", unit="fact", disable=not progress)
     for fact in facts:
         bar.update(1)
         if known_per_relation is not None and known_count.get(fact.relation, 0) >= known_per_relation:
             continue
+        if max_per_relation is not None and seen_count.get(fact.relation, 0) >= max_per_relation:
+            continue
+        seen_count[fact.relation] = seen_count.get(fact.relation, 0) + 1
         key = _fact_screen_key(model, fact)
         if key in done:
             part = store.get("screen", key)
@@ -278,12 +284,12 @@ def select_population(facts: FactSet, screened: pd.DataFrame, *, population: str
     known_facts = set(screened.loc[screened["known"].astype(bool), "fact_id"])
     seen = set(screened["fact_id"])
     kept: list = []
-    removed = {"not screened: relation's quota of known facts reached": 0,
+    removed = {"not screened (relation's quota of known facts reached, or screen cap)": 0,
                "not known by the model": 0, "beyond known_per_relation": 0}
     per_rel: dict[str, int] = {}
     for f in facts:
         if f.fact_id not in seen:
-            removed["not screened: relation's quota of known facts reached"] += 1
+            removed["not screened (relation's quota of known facts reached, or screen cap)"] += 1
             continue
         if population == "known" and f.fact_id not in known_facts:
             removed["not known by the model"] += 1

@@ -38,6 +38,7 @@ class Preset:
     methods: tuple[str, ...] = ("ig", "sig", "amig")
     n_steps: int = 20
     population: str = "known"
+    max_screen_per_relation: int | None = None
     static_threshold: float = 0.1
     selection: Selection = field(default_factory=Selection)
 
@@ -55,10 +56,11 @@ PRESETS: dict[str, Preset] = {
     "standard": Preset(
         name="standard",
         description="ParaRel: every relation with >= 2 usable templates, its first 2 known "
-        "facts, up to 4 queries each, IG/SIG/AMIG, 20 steps",
+        "facts among its first 60, up to 4 queries each, IG/SIG/AMIG, 20 steps",
         dataset="pararel",
         known_per_relation=2,
         max_queries_per_fact=4,
+        max_screen_per_relation=60,
     ),
     "paper": Preset(
         name="paper",
@@ -152,7 +154,8 @@ def reproduce(
     with _timed(timings, "screen (one forward per query)"):
         screened = screen(model, facts, store, progress=progress,
                           known_per_relation=p.known_per_relation
-                          if p.population == "known" else None)
+                          if p.population == "known" else None,
+                          max_per_relation=p.max_screen_per_relation)
     population, removed = select_population(facts, screened, population=p.population,
                                             known_per_relation=p.known_per_relation)
     if not population.facts:
