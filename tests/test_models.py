@@ -152,10 +152,6 @@ def _square_llama() -> Model:
     return wrap(AutoModelForCausalLM.from_config(cfg), make_tokenizer(True), name="square")
 
 
-@pytest.mark.xfail(strict=False, raises=pytest.fail.Exception, reason=(
-    "known limitation: the activation-vs-value-vector check holds for ANY nn.Linear, so "
-    "when d_mlp == hidden size a wrong module (up_proj, o_proj) passes the self-check; only "
-    "the shape check catches wrong hook sites"))
 @pytest.mark.parametrize("site", ["mlp.up_proj", "self_attn.o_proj"])
 def test_self_check_catches_a_wrong_site_of_the_right_shape(site):
     good = _square_llama()

@@ -44,6 +44,7 @@ class Adapter:
     unembedding: str  # path of the output projection (lm_head)
     n_layers_key: str = "num_hidden_layers"
     d_mlp_key: str = "intermediate_size"
+    mlp: str = "mlp"  # path, relative to a layer, of the MLP block (down_proj is its last op)
 
     def d_mlp(self, config: Any) -> int:
         value = getattr(config, self.d_mlp_key, None)
@@ -147,7 +148,10 @@ def _get(root: Any, path: str) -> Any:
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"unknown device {str(device)!r}; use cpu or cuda (e.g. cuda:0)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(
             "CUDA was requested (--device cuda) but no CUDA device is available; "
@@ -342,6 +346,46 @@ class Model:
 
     # ----------------------------------------------------------------- self-check
     @torch.no_grad()
+    def _check_mlp_structure(self, ids: torch.Tensor) -> None:
+        """The hooked module must be the MLP's last operation: its output is the MLP block's
+        output, and its input width is d_mlp. (Zeroing an input of *any* linear layer equals
+        zeroing the matching weight column, so that check alone cannot catch a wrong site.)"""
+        parent_path = self.adapter.mlp
+        for layer in (0, self.n_layers - 1):
+            block = self.layers()[layer]
+            mlp = _get(block, parent_path)
+            proj = self.down_proj(layer)
+            if not any(m is proj for m in mlp.modules()):
+                raise ModelError(
+                    f"adapter {self.adapter.name!r} self-check failed: {self.adapter.down_proj!r} "
+                    f"is not inside the MLP block {parent_path!r}"
+                )
+            seen: dict[str, torch.Tensor] = {}
+            h1 = mlp.register_forward_hook(lambda m, a, o: seen.__setitem__("mlp", o))
+            h2 = proj.register_forward_hook(lambda m, a, o: seen.__setitem__("proj", o))
+            try:
+                self.hf(input_ids=ids)
+            finally:
+                h1.remove()
+                h2.remove()
+            mlp_out = seen.get("mlp")
+            mlp_out = mlp_out[0] if isinstance(mlp_out, tuple) else mlp_out
+            width = getattr(proj, "in_features", None) or getattr(proj, "nx", None)
+            if (
+                "proj" not in seen
+                or mlp_out is None
+                or mlp_out.shape != seen["proj"].shape
+                or not torch.equal(mlp_out, seen["proj"])
+                or (width is not None and int(width) != self.d_mlp)
+            ):
+                raise ModelError(
+                    f"adapter {self.adapter.name!r} self-check failed: {self.adapter.down_proj!r} "
+                    f"of layer {layer} is not the last operation of its MLP block "
+                    f"({parent_path or 'layer'}) with {self.d_mlp} inputs; the hooked module is "
+                    "not the down projection"
+                )
+
+    @torch.no_grad()
     def self_check(self, atol: float = 1e-4) -> None:
         """Verify the adapter: hook shape, and activation-zeroing == value-vector-zeroing."""
         ids = torch.tensor([self.encode_prompt("The capital of France is")], device=self.device)
@@ -360,6 +404,7 @@ class Model:
                 f"adapter {self.adapter.name!r} self-check failed: down-projection hook "
                 f"shapes {bad or seen} (expected {expect} on all {self.n_layers} layers)"
             )
+        self._check_mlp_structure(ids)
         acts = self.activations(ids[0])
         # the neurons with the largest |activation| in the first and last layer
         checks = [(0, int(acts[0].abs().argmax())), (self.n_layers - 1, int(acts[-1].abs().argmax()))]
