@@ -21,7 +21,7 @@ PROMPT = "The official language of Brazil is"
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "knowloc.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "knowloc.cli", *args], capture_output=True, check=False,
                           text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
@@ -92,7 +92,7 @@ def test_errors_before_any_model_is_loaded(argv, match, capsys, tmp_path, no_mod
 
 def test_query_on_a_missing_run_dir(capsys, tmp_path):
     rc = main(["query", str(tmp_path / "nope"), "select 1"])
-    out, err = capsys.readouterr()
+    _, err = capsys.readouterr()
     assert rc == 2
     one_line_error(err, "does not exist")
     assert not (tmp_path / "nope").exists()
@@ -102,20 +102,28 @@ def test_query_on_a_missing_run_dir(capsys, tmp_path):
 def test_cuda_without_cuda(capsys):
     # the device is resolved before any weights are read
     rc = main(["-q", "localize", "--device", "cuda", "--prompt", PROMPT, "--answer", "Portuguese"])
-    out, err = capsys.readouterr()
+    _, err = capsys.readouterr()
     assert rc == 2
     one_line_error(err, "CUDA was requested")
 
 
 def test_unknown_device_string_is_a_one_line_error(capsys):
-    """``--device foo``: torch raises RuntimeError inside resolve_device (a traceback today)."""
-    try:
-        rc = main(["-q", "localize", "--device", "foo", "--prompt", PROMPT, "--answer", "P"])
-    except RuntimeError as exc:  # pragma: no cover - the bug
-        pytest.fail(f"--device foo escaped as a traceback: {exc!r}")
+    """``--device foo``: torch.device raises RuntimeError; the user sees one line."""
+    rc = main(["-q", "localize", "--device", "foo", "--prompt", PROMPT, "--answer", "P"])
     _, err = capsys.readouterr()
     assert rc == 2
     one_line_error(err, "device")
+
+
+@pytest.mark.parametrize("k", ["2.5", "-0.5"])
+def test_topk_selection_needs_an_integer_k(k, capsys, no_model_load):
+    """``--selection topk --threshold 2.5`` must not silently become k = 2 (nor -0.5 -> 0):
+    Selection.validate rejects a non-integer or negative k, the CLI truncates it first."""
+    rc = main(["-q", "localize", "--selection", "topk", "--threshold", k, "--prompt", "x",
+               "--answer", "y"])
+    _, err = capsys.readouterr()
+    assert rc == 2
+    one_line_error(err, "integer")
 
 
 def test_argparse_rejects_bad_dtype_and_unknown_command(capsys):
@@ -172,7 +180,7 @@ def test_localize_one_prompt(capsys, cached_gemma):
     n = int(re.search(r"knowledge neurons \(relative threshold 0.2\): (\d+)", out).group(1))
     assert n >= 1
     assert re.search(r"layer\s+neuron\s+attribution\s+activation", out)
-    rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+(\S+)\s+(\S+)$", out, flags=re.M)
+    rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+(\S+)\s+(\S+)$", out, flags=re.MULTILINE)
     assert len(rows) == min(n, 5)
     layers = [int(r[0]) for r in rows]
     assert all(0 <= l < 18 for l in layers)

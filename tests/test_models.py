@@ -234,9 +234,8 @@ def test_hooks_are_removed_after_an_exception(tiny):
     class Boom(RuntimeError):
         pass
 
-    with pytest.raises(Boom):
-        with tiny.hook_activations(lambda l, h: h * 0):
-            raise Boom()
+    with pytest.raises(Boom), tiny.hook_activations(lambda l, h: h * 0):
+        raise Boom()
     assert _no_hooks_left(tiny)
     assert torch.equal(_logits(tiny), base)
 
@@ -245,9 +244,8 @@ def test_hooks_are_removed_after_an_exception(tiny):
             raise Boom()
         return h
 
-    with pytest.raises(Boom):
-        with tiny.hook_activations(explode):
-            _logits(tiny)
+    with pytest.raises(Boom), tiny.hook_activations(explode):
+        _logits(tiny)
     assert _no_hooks_left(tiny)
     assert torch.equal(_logits(tiny), base)
 

@@ -144,7 +144,12 @@ def _load(args) -> Any:
 def _selection(args):
     from .neurons import Selection
 
-    value = args.threshold if args.selection != "topk" else int(args.threshold)
+    value = args.threshold
+    if args.selection == "topk":
+        if value < 0 or int(value) != value or value == 0.2:
+            raise ConfigError("--selection topk needs --threshold K, a positive integer "
+                              f"number of neurons (got {value})")
+        value = int(value)
     return Selection(args.selection, value).validate()
 
 
