@@ -293,8 +293,13 @@ class _TargetProb(torch.autograd.Function):
     def backward(ctx, grad_out):
         p, p_t = ctx.saved_tensors
         w = ctx.weight
-        expect = (p.to(w.dtype) @ w).float()
-        grad_h = (grad_out * p_t)[:, None] * (w[ctx.target].float()[None, :] - expect)
+        # E_t - p^T E cancels badly when p_t is large; leave the target out of the product:
+        # E_t - p^T E = (1 - p_t) E_t - sum_{v != t} p_v E_v
+        p_other = p.clone()
+        p_other[:, ctx.target] = 0
+        rest = (p_other.to(w.dtype) @ w).float()
+        w_t = w[ctx.target].float()[None, :]
+        grad_h = (grad_out * p_t)[:, None] * ((1 - p_t)[:, None] * w_t - rest)
         return grad_h.to(ctx.h_dtype), None, None, None
 
 
