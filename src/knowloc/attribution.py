@@ -31,13 +31,13 @@ patching the last position leaves the prompt prefix unchanged:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -257,7 +257,7 @@ class _PrefixRunner:
             _layer_input_expander(batch), with_kwargs=True
         )
         try:
-            ctx = model.hook_activations(act_fn, layers) if act_fn else _null()
+            ctx = model.hook_activations(act_fn, layers) if act_fn else contextlib.nullcontext()
             with ctx:
                 out = model.base_model()(
                     input_ids=self.last,
@@ -312,14 +312,6 @@ def target_prob(model: Model, hidden: torch.Tensor, target: int) -> torch.Tensor
         logits = torch.tanh(logits / cap) * cap
         return torch.softmax(logits, -1)[:, target]
     return _TargetProb.apply(hidden, head.weight, getattr(head, "bias", None), target)
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def _plan_chunks(n_layers: int, n_per_layer: int, batch: int) -> list[list[tuple[int, int]]]:
@@ -449,16 +441,6 @@ def attribute(
 
 def _is_pair(x: Any) -> bool:
     return isinstance(x, tuple) and len(x) == 2 and all(isinstance(v, str) for v in x)
-
-
-def scores_to_numpy(attr: Attribution) -> np.ndarray:
-    return attr.scores.numpy()
-
-
-def completeness_gap(attr: Attribution, p_baseline: Sequence[float]) -> np.ndarray:
-    """Per layer: sum_p Attr(l, p) - (P(a) - P(baseline_l)) (IG completeness check)."""
-    s = attr.scores.sum(1).numpy()
-    return s - (attr.prob - np.asarray(p_baseline))
 
 
 __all__ = [

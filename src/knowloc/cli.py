@@ -146,7 +146,7 @@ def _selection(args):
 
     value = args.threshold
     if args.selection == "topk":
-        if value < 0 or int(value) != value or value == 0.2:
+        if value < 0 or int(value) != value:
             raise ConfigError("--selection topk needs --threshold K, a positive integer "
                               f"number of neurons (got {value})")
         value = int(value)

@@ -165,7 +165,7 @@ def localize(
 def _with_ident(df: pd.DataFrame, ident: dict[str, Any]) -> pd.DataFrame:
     out = df.copy()
     for i, (k, v) in enumerate(ident.items()):
-        out.insert(i, k, pd.Series([v] * len(out), dtype="object" if len(out) else "object"))
+        out.insert(i, k, pd.Series([v] * len(out), dtype="object"))
     return out
 
 
@@ -182,21 +182,9 @@ def consolidate_localization(store: RunStore) -> pd.DataFrame:
     return queries
 
 
-def query_frame(queries: pd.DataFrame, facts: FactSet | None = None) -> pd.DataFrame:
-    """The ``queries`` table restricted to the facts of ``facts`` (if given)."""
-    if facts is None or queries.empty:
-        return queries
-    ids = {q.query_id for q in facts.queries()}
-    return queries[queries["query_id"].isin(ids)].reset_index(drop=True)
-
-
 def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def default_run_dir(name: str) -> Path:
-    return Path("runs") / name
 
 
 # ------------------------------------------------------------------------ screening
