@@ -4,11 +4,18 @@ One layer at a time, the full sequence through the whole model for every step (b
 the steps of one layer), logits only at the last position. This is the loop existing tools
 use. It shares nothing with knowloc.attribution but the model's adapter (which module is the
 down projection).
+
+It computes in the model's dtype when that is float64 (a float64 copy of a real model makes
+it an exact oracle), and in float32 otherwise.
 """
 
 from __future__ import annotations
 
 import torch
+
+
+def _work_dtype(model) -> torch.dtype:
+    return torch.promote_types(model.dtype, torch.float32)
 
 
 def _last_acts(model, ids: torch.Tensor) -> torch.Tensor:
@@ -30,13 +37,14 @@ def _last_acts(model, ids: torch.Tensor) -> torch.Tensor:
 
 def reference_baselines(model, ids: list[int], method: str, sig_mode: str = "mean") -> torch.Tensor:
     L, D = model.n_layers, model.d_mlp
+    work = _work_dtype(model)
     if method == "ig":
-        return torch.zeros(1, L, D)
+        return torch.zeros(1, L, D, dtype=work)
     special = set(model.tokenizer.all_special_ids)
     if method == "amig":
         eos = model.tokenizer.eos_token_id
         b = [t if t in special else eos for t in ids]
-        return _last_acts(model, torch.tensor([b])).float()
+        return _last_acts(model, torch.tensor([b])).to(work)
     mask = model.tokenizer.mask_token_id
     if mask is None:
         mask = model.tokenizer.pad_token_id
@@ -48,7 +56,7 @@ def reference_baselines(model, ids: list[int], method: str, sig_mode: str = "mea
             continue
         b = list(ids)
         b[j] = mask
-        rows.append(_last_acts(model, torch.tensor([b]))[0].float())
+        rows.append(_last_acts(model, torch.tensor([b]))[0].to(work))
     base = torch.stack(rows)
     return base.mean(0, keepdim=True) if sig_mode == "mean" else base
 
@@ -60,10 +68,11 @@ def reference_attribute(model, prompt: str, answer: str, method: str = "ig", n_s
     full = tok(prompt + " " + answer)["input_ids"]
     target = full[len(ids)]
     x_ids = torch.tensor([ids]).repeat(n_steps, 1)
-    a = _last_acts(model, torch.tensor([ids]))[0].float()
+    work = _work_dtype(model)
+    a = _last_acts(model, torch.tensor([ids]))[0].to(work)
     bases = reference_baselines(model, ids, method, sig_mode)
-    alphas = torch.arange(1, n_steps + 1, dtype=torch.float32) / n_steps
-    scores = torch.zeros(model.n_layers, model.d_mlp)
+    alphas = torch.arange(1, n_steps + 1, dtype=work) / n_steps
+    scores = torch.zeros(model.n_layers, model.d_mlp, dtype=work)
     for b in bases:
         for l in range(model.n_layers):
             x = (b[l] + alphas[:, None] * (a[l] - b[l])).to(model.dtype).requires_grad_(True)
@@ -76,12 +85,12 @@ def reference_attribute(model, prompt: str, answer: str, method: str = "ig", n_s
             handle = model.down_proj(l).register_forward_pre_hook(patch)
             try:
                 with torch.enable_grad():
-                    logits = model.hf(input_ids=x_ids).logits[:, -1].float()
+                    logits = model.hf(input_ids=x_ids).logits[:, -1].to(work)
                     p = torch.softmax(logits, -1)[:, target]
                     (g,) = torch.autograd.grad(p.sum(), x)
             finally:
                 handle.remove()
-            scores[l] += (a[l] - b[l]) * g.float().mean(0)
+            scores[l] += (a[l] - b[l]) * g.to(work).mean(0)
     if method == "sig":
         scores = scores / scores.norm()
     elif method == "amig":

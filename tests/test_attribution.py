@@ -32,6 +32,36 @@ def test_fast_engine_matches_reference(tiny, method):
     assert rel_err(fast.scores, ref) < 1e-5
 
 
+@pytest.mark.parametrize("method", ["ig", "sig", "amig"])
+def test_fast_engine_equals_reference_in_float64(tiny, method):
+    """In float64 rounding cannot hide a difference: the engine (prefix cache, staircase
+    batches, fused head) computes the same numbers as the plain loop."""
+    import copy
+
+    from knowloc.models import wrap
+
+    m64 = wrap(copy.deepcopy(tiny.hf).double(), tiny.tokenizer, name="tiny-f64", check=False)
+    ref = reference_attribute(m64, PROMPT, ANSWER, method, n_steps=7)
+    fast = attribute(m64, (PROMPT, ANSWER), method, n_steps=7, internal_batch_size=5, progress=False)
+    assert ref.dtype == fast.scores.dtype == torch.float64
+    assert rel_err(fast.scores, ref) < 1e-12
+
+
+def test_soft_capped_logits_match_reference():
+    """Gemma 2 style final-logit soft-capping goes through the fused head's chain rule."""
+    model = tiny_model("gemma3")
+    model.hf.config.final_logit_softcapping = 0.5  # small: tanh far from linear
+    assert model.logit_softcap() == 0.5
+    refs = {}
+    for method in ("ig", "amig"):
+        refs[method] = reference_attribute(model, PROMPT, ANSWER, method, n_steps=6)
+        fast = attribute(model, (PROMPT, ANSWER), method, n_steps=6, progress=False)
+        assert rel_err(fast.scores, refs[method]) < 1e-5
+    model.hf.config.final_logit_softcapping = None
+    uncapped = attribute(model, (PROMPT, ANSWER), "ig", n_steps=6, progress=False)
+    assert rel_err(uncapped.scores, refs["ig"]) > 1e-3  # the cap does change the result
+
+
 def test_sig_per_token_matches_reference(tiny):
     ref = reference_attribute(tiny, PROMPT, ANSWER, "sig", n_steps=5, sig_mode="per_token")
     fast = attribute(tiny, (PROMPT, ANSWER), "sig", n_steps=5, sig_mode="per_token", progress=False)
@@ -48,6 +78,14 @@ def test_internal_batch_size_does_not_change_results(method, batch):
     other = attribute(model, (PROMPT, ANSWER), method, n_steps=6, internal_batch_size=batch,
                       progress=False)
     assert rel_err(other.scores, base.scores) < 1e-5
+
+
+def test_tiny_memory_budget_blocks_the_head_without_changing_results():
+    model = tiny_model("gpt2")
+    base = attribute(model, (PROMPT, ANSWER), "ig", n_steps=4, progress=False)
+    tiny_budget = attribute(model, (PROMPT, ANSWER), "ig", n_steps=4, memory_budget_gb=1e-6,
+                            progress=False)  # one point per pass, one head row per block
+    assert rel_err(tiny_budget.scores, base.scores) < 1e-5
 
 
 def test_probability_and_prediction_match_a_plain_forward(tiny):

@@ -23,9 +23,12 @@ patching the last position leaves the prompt prefix unchanged:
 
 * the prefix runs once and its key/value cache is reused by every integration point;
 * each point pushes only the last token through the model;
-* points (layer, step) are batched across layers in chunks sized to a memory budget, and
-  the layers below a chunk's lowest patched layer run once at batch size 1 (their output is
-  the same for every point), the residual stream being expanded to the chunk's batch there;
+* points (layer, step) are batched across layers in passes sized to a memory budget; in a
+  pass the batch grows layer by layer ("staircase"): a point patched at layer l joins the
+  batch at layer l, as a copy of the unpatched run, so no layer computes a row whose value
+  is already known;
+* the output head is fused: P(target) and its gradient w.r.t. the final hidden state come
+  from two matrix products with the unembedding (no autograd over the [vocab] softmax);
 * weights are frozen; gradients are taken only w.r.t. the patched activations.
 """
 
@@ -79,7 +82,8 @@ class AttributionConfig:
 
 @dataclass
 class Attribution:
-    """Attribution scores of one query: ``scores[layer, neuron]`` (float32, CPU)."""
+    """Attribution scores of one query: ``scores[layer, neuron]`` (CPU; float32, or float64
+    for a float64 model)."""
 
     prompt: str
     answer: str
@@ -150,7 +154,7 @@ def _batch_activations(model: Model, batch_ids: torch.Tensor) -> torch.Tensor:
         return h
 
     with model.hook_activations(grab):
-        model.hf(input_ids=batch_ids)
+        model.base_model()(input_ids=batch_ids, use_cache=False)
     return out
 
 
@@ -180,7 +184,7 @@ def baselines(model: Model, ids: Sequence[int], cfg: AttributionConfig) -> torch
     batch[torch.arange(len(pos)), torch.tensor(pos)] = model.mask_id()
     acts = _batch_activations(model, batch)
     if cfg.sig_mode == "mean":
-        return acts.float().mean(0, keepdim=True).to(dt)
+        return acts.to(work_dtype(model)).mean(0, keepdim=True).to(dt)
     return acts
 
 
@@ -196,38 +200,59 @@ def normalize(scores: torch.Tensor, method: str) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------- fast engine
-def _bytes_per_point(model: Model, seq_len: int) -> int:
+def work_dtype(model: Model) -> torch.dtype:
+    """The dtype scores and the softmax are computed in: float32, or float64 for a float64
+    model (which makes the engine an exact oracle to compare against)."""
+    return torch.promote_types(model.dtype, torch.float32)
+
+
+def _layer_bytes_per_row(model: Model, seq_len: int) -> int:
+    """Bytes one batch row keeps per decoder layer during a pass: activations saved for the
+    backward pass and its copy of the prefix keys/values."""
     cfg = model.config
-    V = int(cfg.vocab_size)
     d = int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
     el = torch.finfo(model.dtype).bits // 8
-    # the fused head keeps one float32 [vocab] buffer per point (+ a transient one);
-    # per layer: activations saved for the backward pass, and the cached prefix keys/values
-    per_layer = 12 * d + 8 * model.d_mlp + 2 * seq_len * d
-    return 3 * V * 4 + model.n_layers * per_layer * el
+    return (12 * d + 8 * model.d_mlp + 2 * seq_len * d) * el
 
 
 def auto_batch_size(model: Model, seq_len: int, memory_budget_gb: float) -> int:
-    return max(1, int(memory_budget_gb * 2**30 // _bytes_per_point(model, seq_len)))
+    """Integration points per pass that fit ``memory_budget_gb``. A point patched at layer l
+    is a batch row in layers l..L-1: (L+1)/2 layers on average."""
+    per_point = _layer_bytes_per_row(model, seq_len) * (model.n_layers + 1) // 2
+    return max(1, int(memory_budget_gb * 2**30 // per_point))
 
 
-def _layer_input_expander(batch: int):
-    """Forward pre-hook (with kwargs) expanding a decoder layer's hidden-state input to ``batch``."""
+def head_rows(model: Model, memory_budget_gb: float) -> int:
+    """Rows per block of the fused head (it keeps ~2 [vocab] buffers per row)."""
+    V = int(model.unembedding().weight.shape[0])
+    el = torch.finfo(work_dtype(model)).bits // 8
+    return max(1, int(memory_budget_gb * 2**30 // (3 * V * el)))
+
+
+def _grow(n_new: int):
+    """Forward pre-hook (with kwargs) on a decoder layer: append ``n_new`` copies of row 0
+    (the unpatched run) to the layer's hidden-state input."""
 
     def pre(module, args, kwargs):
         if args:
             h = args[0]
-            return (h.expand(batch, *h.shape[1:]),) + tuple(args[1:]), kwargs
+            return (torch.cat([h, h[:1].expand(n_new, *h.shape[1:])]),) + tuple(args[1:]), kwargs
         h = kwargs["hidden_states"]
         kwargs = dict(kwargs)
-        kwargs["hidden_states"] = h.expand(batch, *h.shape[1:])
+        kwargs["hidden_states"] = torch.cat([h, h[:1].expand(n_new, *h.shape[1:])])
         return args, kwargs
 
     return pre
 
 
 class _PrefixRunner:
-    """Runs the last prompt token, batched, on top of a cached prefix."""
+    """Runs the last prompt token on top of a cached prefix, as a "staircase" batch.
+
+    ``run(counts)`` starts at batch size 1 (the unpatched run, row 0); at the input of layer
+    k it appends ``counts[k]`` copies of row 0, the rows that will be patched at layer k.
+    A point patched at layer l is thus a batch row only in layers l..L-1, where its hidden
+    state differs from the unpatched one: no layer runs a row whose result is known.
+    """
 
     def __init__(self, model: Model, ids: Sequence[int]):
         self.model = model
@@ -237,91 +262,122 @@ class _PrefixRunner:
         self.cache = None
         if len(self.ids) > 1:
             with torch.no_grad():
-                out = model.hf(input_ids=torch.tensor([self.ids[:-1]], device=dev), use_cache=True)
+                out = model.base_model()(input_ids=torch.tensor([self.ids[:-1]], device=dev), use_cache=True)
             self.cache = out.past_key_values
 
-    def _cache_for(self, batch: int, lo: int):
+    def _cache_for(self, rows: Sequence[int]):
         if self.cache is None:
             return None
         cache = copy.deepcopy(self.cache)
-        for i, layer in enumerate(cache.layers):
-            if i >= lo:
-                layer.batch_repeat_interleave(batch)
+        for layer, n in zip(cache.layers, rows):
+            if n > 1:
+                layer.batch_repeat_interleave(n)
         return cache
 
-    def hidden(self, batch: int, lo: int, act_fn: Callable | None, layers: Sequence[int]) -> torch.Tensor:
-        """[batch, d_model] final-normed last-position hidden state; layers >= ``lo`` run at
-        batch size ``batch``, the ones below once at batch size 1."""
+    def run(self, counts: Sequence[int], act_fn: Callable | None = None) -> torch.Tensor:
+        """[1 + sum(counts), d_model] final-normed last-position hidden states; row 0 is the
+        unpatched run, then the rows added at layer 0, layer 1, ... in order."""
         model = self.model
-        handle = model.layers()[lo].register_forward_pre_hook(
-            _layer_input_expander(batch), with_kwargs=True
-        )
+        rows, n = [], 1
+        for c in counts:
+            n += c
+            rows.append(n)
+        handles = [
+            model.layers()[k].register_forward_pre_hook(_grow(c), with_kwargs=True)
+            for k, c in enumerate(counts)
+            if c
+        ]
         try:
-            ctx = model.hook_activations(act_fn, layers) if act_fn else contextlib.nullcontext()
+            ctx = model.hook_activations(act_fn) if act_fn else contextlib.nullcontext()
             with ctx:
                 out = model.base_model()(
                     input_ids=self.last,
-                    past_key_values=self._cache_for(batch, lo),
+                    past_key_values=self._cache_for(rows),
                     use_cache=self.cache is not None,
                 )
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
         return out.last_hidden_state[:, -1]
 
 
-class _TargetProb(torch.autograd.Function):
-    """P(target | final hidden state) with a fused, memory-light backward.
+@torch.no_grad()
+def target_prob_grad(
+    model: Model, hidden: torch.Tensor, target: int, max_rows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """P(target) and its gradient w.r.t. final-normed hidden states ``hidden`` [n, d_model].
 
-    Forward: logits = h E^T (+ bias), p = softmax(logits) computed in place, returns p_t.
-    Backward: dp_t/dh = p_t (E_t - p^T E). Two matrix products and a few passes over the
-    [batch, vocab] buffer, instead of autograd's chain of full-vocab temporaries.
+    With z = E h (+ bias, then soft-capping z -> c tanh(z/c) where the model has it) and
+    p = softmax(z): dp_t/dh = p_t ((1 - p_t) s_t E_t - sum_{v != t} p_v s_v E_v), s_v the
+    soft-cap derivative (1 without). Two matrix products per block of ``max_rows`` rows and a
+    few passes over one [vocab, rows] buffer, in place; the target is left out of the sum,
+    which would otherwise cancel badly when p_t is close to 1. Returns ``(p_t [n],
+    grad [n, d_model])`` in :func:`work_dtype`.
     """
-
-    @staticmethod
-    def forward(ctx, h, weight, bias, target: int):
-        logits = (h @ weight.t()).float()
+    head = model.unembedding()
+    W = head.weight  # [V, d]
+    bias = getattr(head, "bias", None)
+    cap = model.logit_softcap()
+    work = work_dtype(model)
+    n = hidden.shape[0]
+    max_rows = max_rows or n
+    p_out = torch.empty(n, device=hidden.device, dtype=work)
+    g_out = torch.empty(n, W.shape[1], device=hidden.device, dtype=work)
+    w_t = W[target].to(work)
+    for i in range(0, n, max_rows):
+        h = hidden[i : i + max_rows].to(W.dtype)
+        z = (W @ h.t()).to(work)  # [V, r]: this orientation is the faster product on CPU
         if bias is not None:
-            logits += bias.float()
-        logits -= torch.logsumexp(logits, -1, keepdim=True)
-        p = logits.exp_()
-        p_t = p[:, target].clone()
-        ctx.save_for_backward(p, p_t)
-        ctx.weight, ctx.target, ctx.h_dtype = weight, target, h.dtype
-        return p_t
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        p, p_t = ctx.saved_tensors
-        w = ctx.weight
-        # E_t - p^T E cancels badly when p_t is large; leave the target out of the product:
-        # E_t - p^T E = (1 - p_t) E_t - sum_{v != t} p_v E_v
-        p_other = p.clone()
-        p_other[:, ctx.target] = 0
-        rest = (p_other.to(w.dtype) @ w).float()
-        w_t = w[ctx.target].float()[None, :]
-        grad_h = (grad_out * p_t)[:, None] * ((1 - p_t)[:, None] * w_t - rest)
-        return grad_h.to(ctx.h_dtype), None, None, None
+            z += bias.to(work)[:, None]
+        if cap:
+            z.div_(cap).tanh_()
+            slope = 1 - z * z
+            z.mul_(cap)
+        z -= z.amax(0, keepdim=True)
+        z.exp_()
+        total = z.sum(0)
+        p_t = z[target] / total
+        z[target] = 0
+        s_t = 1.0
+        if cap:
+            s_t = slope[target]
+            z *= slope
+            del slope
+        rest = (z.t().to(W.dtype) @ W).to(work) / total[:, None]  # sum_{v != t} p_v s_v E_v
+        del z
+        g_out[i : i + max_rows] = p_t[:, None] * ((1 - p_t) * s_t)[:, None] * w_t - p_t[:, None] * rest
+        p_out[i : i + max_rows] = p_t
+    return p_out, g_out
 
 
 def target_prob(model: Model, hidden: torch.Tensor, target: int) -> torch.Tensor:
-    """[batch] P(target) from final-normed hidden states [batch, d_model]."""
-    head = model.unembedding()
-    cap = model.logit_softcap()
-    if cap:  # soft-capped logits: plain autograd path
-        logits = head(hidden).float()
-        logits = torch.tanh(logits / cap) * cap
-        return torch.softmax(logits, -1)[:, target]
-    return _TargetProb.apply(hidden, head.weight, getattr(head, "bias", None), target)
+    """[n] P(target) from final-normed hidden states [n, d_model], differentiable."""
+    return _TargetProb.apply(hidden, model, target)
 
 
-def _plan_chunks(n_layers: int, n_per_layer: int, batch: int) -> list[list[tuple[int, int]]]:
-    """Split points (layer, j) into chunks of <= ``batch`` points, highest layers first.
+class _TargetProb(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, model, target):
+        p, g = target_prob_grad(model, hidden, target)
+        ctx.save_for_backward(g)
+        ctx.h_dtype = hidden.dtype
+        return p
 
-    Points of one layer stay together when a layer fits in a chunk, so a chunk spans as few
-    layers as possible (its cost grows with the number of layers above its lowest one).
+    @staticmethod
+    def backward(ctx, grad_out):
+        (g,) = ctx.saved_tensors
+        return (grad_out[:, None] * g).to(ctx.h_dtype), None, None
+
+
+def _plan_passes(n_layers: int, n_per_layer: int, batch: int) -> list[list[tuple[int, int]]]:
+    """Split the points (layer, j) into passes of <= ``batch`` points, each sorted by layer.
+
+    Points are taken step-major (every layer's j-th point, then the (j+1)-th, ...), so a full
+    pass holds the same number of points at every layer. The cost of a point does not depend
+    on which pass it is in (it is a batch row in layers l..L-1 either way).
     """
-    points = [(layer, j) for layer in reversed(range(n_layers)) for j in range(n_per_layer)]
-    return [points[i : i + batch] for i in range(0, len(points), batch)]
+    points = [(layer, j) for j in range(n_per_layer) for layer in range(n_layers)]
+    return [sorted(points[i : i + batch]) for i in range(0, len(points), batch)]
 
 
 def _attribute_one(
@@ -329,21 +385,23 @@ def _attribute_one(
     q: _Prepared,
     cfg: AttributionConfig,
     batch_size: int,
+    max_head_rows: int,
     bar: tqdm | None,
 ) -> Attribution:
     L, D, m = model.n_layers, model.d_mlp, cfg.n_steps
+    dev, work = model.device, work_dtype(model)
     runner = _PrefixRunner(model, q.ids)
 
     # clean run: activations a, P(target), prediction
-    acts = torch.empty(L, D, device=model.device, dtype=model.dtype)
+    acts = torch.empty(L, D, device=dev, dtype=model.dtype)
 
     def grab(layer, h):
         acts[layer] = h[0, -1]
         return h
 
     with torch.no_grad():
-        h = runner.hidden(1, 0, grab, range(L))
-        clean_logits = model.unembedding()(h)[0].float()
+        h = runner.run([0] * L, grab)
+        clean_logits = model.unembedding()(h)[0].to(work)
         cap = model.logit_softcap()
         if cap:
             clean_logits = torch.tanh(clean_logits / cap) * cap
@@ -353,32 +411,34 @@ def _attribute_one(
 
     base = baselines(model, q.ids, cfg)  # [B0, L, D]
     n_base = base.shape[0]
-    alphas = torch.arange(1, m + 1, device=model.device, dtype=torch.float32) / m
-    grad_sum = torch.zeros(n_base, L, D, device=model.device, dtype=torch.float32)
-    n_per_layer = n_base * m
-    for chunk in _plan_chunks(L, n_per_layer, batch_size):
-        B = len(chunk)
-        layer_idx = torch.tensor([p[0] for p in chunk], device=model.device)
-        base_idx = torch.tensor([p[1] // m for p in chunk], device=model.device)
-        alpha = alphas[torch.tensor([p[1] % m for p in chunk], device=model.device)]
-        b = base[base_idx, layer_idx].float()
-        a = acts[layer_idx].float()
+    alphas = torch.arange(1, m + 1, device=dev, dtype=work) / m
+    grad_sum = torch.zeros(n_base, L, D, device=dev, dtype=work)
+    for points in _plan_passes(L, n_base * m, batch_size):
+        layer_idx = torch.tensor([p[0] for p in points], device=dev)
+        base_idx = torch.tensor([p[1] // m for p in points], device=dev)
+        alpha = alphas[torch.tensor([p[1] % m for p in points], device=dev)]
+        b = base[base_idx, layer_idx].to(work)
+        a = acts[layer_idx].to(work)
         x = (b + alpha[:, None] * (a - b)).to(model.dtype).requires_grad_(True)
-        chunk_layers = sorted({p[0] for p in chunk})
-        sel = {l: (layer_idx == l)[:, None] for l in chunk_layers}
+        counts = torch.bincount(layer_idx, minlength=L).tolist()
+        ends = torch.tensor(counts).cumsum(0).tolist()
 
-        def patch(layer, h, x=x, sel=sel):
-            return torch.where(sel[layer][:, :, None] if h.dim() == 3 else sel[layer], x[:, None, :], h)
+        def patch(layer, h, x=x, counts=counts, ends=ends):
+            c = counts[layer]
+            if not c:
+                return h
+            new = x[ends[layer] - c : ends[layer], None, :]
+            return torch.cat([h[: h.shape[0] - c], new])
 
         with torch.enable_grad():
-            hidden = runner.hidden(B, chunk_layers[0], patch, chunk_layers)
-            p_target = target_prob(model, hidden, q.target_id)
-            (g,) = torch.autograd.grad(p_target.sum(), x)
-        grad_sum.index_put_((base_idx, layer_idx), g.float(), accumulate=True)
+            hidden = runner.run(counts, patch)[1:]
+            _, g_hidden = target_prob_grad(model, hidden.detach(), q.target_id, max_head_rows)
+            (g,) = torch.autograd.grad(hidden, x, grad_outputs=g_hidden.to(hidden.dtype))
+        grad_sum.index_put_((base_idx, layer_idx), g.to(work), accumulate=True)
         if bar is not None:
-            bar.update(B)
+            bar.update(len(points))
 
-    diff = acts.float()[None] - base.float()  # [B0, L, D]
+    diff = acts.to(work)[None] - base.to(work)  # [B0, L, D]
     scores = (diff * grad_sum / m).sum(0)
     scores = normalize(scores, cfg.method)
     return Attribution(
@@ -387,7 +447,7 @@ def _attribute_one(
         target_id=q.target_id,
         method=cfg.method,
         scores=scores.cpu(),
-        activations=acts.float().cpu(),
+        activations=acts.to(work).cpu(),
         prob=prob,
         top1=pred == q.target_id,
         predicted_id=pred,
@@ -415,9 +475,16 @@ def attribute(
     ``queries`` is a :class:`knowloc.data.Query`, a ``(prompt, answer)`` tuple, or a
     sequence of either; a single query gives a single :class:`Attribution`, a sequence a
     list. ``internal_batch_size`` is the number of integration points (layer, step) per
-    forward pass; by default it is sized to ``memory_budget_gb``. Results do not depend on it.
+    forward pass; by default it is sized to ``memory_budget_gb``, which also bounds the rows
+    per block of the output head. Results do not depend on either.
     """
     cfg = AttributionConfig(method=method, n_steps=n_steps, sig_mode=sig_mode).validate()
+    if internal_batch_size is not None and (
+        isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1
+    ):
+        raise ConfigError(f"internal_batch_size must be an integer >= 1 (got {internal_batch_size!r})")
+    if not memory_budget_gb > 0:
+        raise ConfigError(f"memory_budget_gb must be > 0 (got {memory_budget_gb!r})")
     single = not (isinstance(queries, (list, tuple)) and not _is_pair(queries))
     qs = [queries] if single else list(queries)
     prepared = [_prepare(model, q) for q in qs]
@@ -427,13 +494,12 @@ def attribute(
         nb = len(maskable_positions(model, q.ids)) if (cfg.method == "sig" and cfg.sig_mode == "per_token") else 1
         total += model.n_layers * cfg.n_steps * nb
     bar = tqdm(total=total, desc=f"{cfg.method} attribution", unit="pt", disable=not progress, leave=False)
+    rows = head_rows(model, memory_budget_gb)
     try:
         for q in prepared:
             bs = internal_batch_size or auto_batch_size(model, len(q.ids), memory_budget_gb)
-            if bs < 1:
-                raise ConfigError(f"internal_batch_size must be >= 1 (got {bs})")
             bar.set_postfix_str(q.prompt[-40:])
-            results.append(_attribute_one(model, q, cfg, bs, bar))
+            results.append(_attribute_one(model, q, cfg, bs, rows, bar))
     finally:
         bar.close()
     return results[0] if single else results
@@ -452,4 +518,6 @@ __all__ = [
     "normalize",
     "auto_batch_size",
     "target_prob",
+    "target_prob_grad",
+    "work_dtype",
 ]

@@ -307,7 +307,7 @@ class Model:
         for p in prompts:
             ids = self.encode_prompt(p) if isinstance(p, str) else list(p)
             x = torch.tensor([ids], device=self.device)
-            logits = self.hf(input_ids=x).logits[0, -1].float()
+            logits = self.hf(input_ids=x, logits_to_keep=1).logits[0, -1].float()
             rows.append(torch.softmax(logits, -1))
         return torch.stack(rows)
 
@@ -341,7 +341,7 @@ class Model:
             return h
 
         with self.hook_activations(grab):
-            self.hf(input_ids=ids)
+            self.base_model()(input_ids=ids, use_cache=False)
         return out
 
     # ----------------------------------------------------------------- self-check
