@@ -58,6 +58,13 @@ def _add_attr_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--memory-gb", type=float, default=2.0)
 
 
+def _add_run_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (default: the run's)")
+    g.add_argument("--model", default=None, help="model of the run (default: from config.yaml)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: the run's)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="knowloc",
@@ -104,8 +111,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-steps", type=int, default=None)
     p.add_argument("--population", default=None, choices=["known", "all"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ppl-text", type=Path, default=None,
+                   help="text file for ΔPPL of the modification stage (e.g. WikiText-2's "
+                        "wiki.test.raw); default: knowloc's small built-in English corpus")
+    p.add_argument("--no-modify", action="store_true",
+                   help="skip knowledge modification (Table 2) and query-KN mapping (Figure 4)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("modify", help="erase/update the knowledge neurons of a run's facts: "
+                                      "Rel/Gen/Loc/ΔPPL, Table 2")
+    p.add_argument("--run", type=Path, required=True,
+                   help="run directory with consistency results")
+    p.add_argument("--op", type=_csv, default=["erase", "update"],
+                   help="erase, update or both, comma-separated (default: erase,update)")
+    p.add_argument("--set", dest="edit_set", type=_csv, default=["local", "global"],
+                   help="local (N_i), global (N_g) or both (default: local,global)")
+    p.add_argument("--ppl-text", type=Path, default=None,
+                   help="text file for ΔPPL, one entry per line (e.g. WikiText-2's "
+                        "wiki.test.raw); default: knowloc's small built-in English corpus")
+    p.add_argument("--method", type=_csv, default=None,
+                   help="localization methods to edit (default: every method of the run)")
+    p.add_argument("--split-threshold", default="0.1",
+                   help="K_I if CS2 > T; a number or 'otsu' (default: 0.1)")
+    p.add_argument("--n-locality", type=int, default=20,
+                   help="unrelated facts (other relations) per edit for Loc (default: 20)")
+    p.add_argument("--gen-on", default="known", choices=["known", "all"],
+                   help="neighbor queries for Gen: those the unedited model answers correctly "
+                        "(default) or all")
+    p.add_argument("--ppl-entries", type=int, default=5, help="entries per edit (default: 5)")
+    p.add_argument("--ppl-pool", type=int, default=25,
+                   help="entries drawn once (seeded) from the text; each edit draws its "
+                        "entries from them, so unedited PPLs are reused (default: 25)")
+    p.add_argument("--ppl-max-tokens", type=int, default=128,
+                   help="tokens kept of each entry (default: 128)")
+    p.add_argument("--update-sign", default="none", choices=["none", "activation"],
+                   help="none: the paper's v - 2E(o) + 2E(o'); activation: multiply the change "
+                        "by the sign of the neuron's activation (gated MLPs read value vectors "
+                        "with negative activations too)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_run_model_args(p)
+
+    p = sub.add_parser("intervene", help="suppress/enhance KN activations of Self and neighbor "
+                                         "sets: ΔProb, Figure 4")
+    p.add_argument("--run", type=Path, required=True,
+                   help="run directory with consistency results")
+    p.add_argument("--method", type=_csv, default=None)
+    p.add_argument("--split-threshold", default="0.1")
+    p.add_argument("--enhance", type=float, default=2.0, help="enhancement factor (default: 2)")
+    p.add_argument("--all-queries", action="store_true",
+                   help="also queries the model does not answer correctly (default: known only)")
+    _add_run_model_args(p)
 
     p = sub.add_parser("query", help="run SQL (DuckDB) over a run's tables")
     p.add_argument("run", type=Path)
@@ -258,6 +314,88 @@ def cmd_consistency(args) -> int:
     return 0
 
 
+def _open_run_for_editing(args) -> tuple[Any, dict]:
+    """The run store and its config, checked before any model is loaded."""
+    from .errors import RunError
+    from .store import RunStore
+
+    store = RunStore(args.run, create=False)
+    config = store.read_config()
+    if store.table("consistency").empty:
+        raise RunError(f"run {store.root} has no consistency results; run "
+                       f"`knowloc consistency --run {args.run}` first")
+    return store, config
+
+
+def _load_run_model(args, config: dict) -> Any:
+    from .errors import RunError
+    from .experiments import model_fingerprint
+
+    stored = config.get("model", {}) or {}
+    args.model = args.model or stored.get("name")
+    args.device = args.device or stored.get("device") or "cpu"
+    args.dtype = args.dtype or stored.get("dtype") or "float32"
+    if not args.model:
+        raise RunError(f"{args.run}/config.yaml names no model; pass --model")
+    model = _load(args)
+    expected = (config.get("fingerprint") or {}).get("model")
+    if expected and model_fingerprint(model) != expected:
+        raise RunError(f"model {args.model} ({model_fingerprint(model)}) is not the model of run "
+                       f"{args.run} ({expected}); pass the run's --model")
+    return model
+
+
+def _record_stage_config(store, section: str, values: dict) -> None:
+    config = store.read_config()
+    config[section] = values
+    store.write_config(config)
+
+
+def cmd_modify(args) -> int:
+    from .evaluation import load_ppl_corpus
+    from .experiments import ModifyConfig, modify
+
+    cfg = ModifyConfig(ops=args.op, sets=args.edit_set, methods=args.method,
+                       split_threshold=args.split_threshold, n_locality=args.n_locality,
+                       gen_on=args.gen_on, ppl_entries=args.ppl_entries, ppl_pool=args.ppl_pool,
+                       ppl_max_tokens=args.ppl_max_tokens, seed=args.seed,
+                       update_sign=args.update_sign).validate()
+    store, config = _open_run_for_editing(args)
+    corpus = load_ppl_corpus(args.ppl_text)  # a missing file fails before the model loads
+    if corpus.builtin:
+        _say("no --ppl-text given: ΔPPL is measured on knowloc's small built-in English corpus, "
+             "not WikiText-2")
+    model = _load_run_model(args, config)
+    res = modify(model, store, cfg, ppl_text=args.ppl_text, progress=not args.quiet)
+    _record_stage_config(store, "modify", {**cfg.as_dict(), "ppl": res.ppl})
+    print(res.table2_md)
+    print(f"\nedited {res.computed} unit(s) ({res.skipped_done} already done) in "
+          f"{res.seconds:.1f} s; wrote {args.run / 'table2.md'}, table2.csv, edits.parquet, "
+          "metrics.parquet")
+    return 0
+
+
+def cmd_intervene(args) -> int:
+    from .experiments import MappingConfig, _parse_threshold, query_kn_mapping
+
+    cfg = MappingConfig(methods=args.method,
+                        split_threshold=_parse_threshold(args.split_threshold),
+                        enhance=args.enhance, only_known=not args.all_queries)
+    store, config = _open_run_for_editing(args)
+    model = _load_run_model(args, config)
+    res = query_kn_mapping(model, store, cfg, progress=not args.quiet)
+    _record_stage_config(store, "intervene", cfg.as_dict())
+    import pandas as pd
+
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(res.figure4[["method", "kind", "set", "suppress", "enhance", "avg", "n_queries",
+                           "n_empty"]].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(f"\nintervened on {res.computed} fact(s) ({res.skipped_done} already done) in "
+          f"{res.seconds:.1f} s; wrote {args.run / 'figure4.csv'}, interventions.parquet and "
+          f"{len(res.figures)} figure(s) under {args.run / 'figures'}")
+    return 0
+
+
 def cmd_reproduce(args) -> int:
     from .reproduce import reproduce, resolve_preset
 
@@ -268,6 +406,7 @@ def cmd_reproduce(args) -> int:
         max_queries_per_fact=args.max_queries_per_fact,
         methods=tuple(args.method) if args.method else None,
         n_steps=args.n_steps, population=args.population,
+        modify=False if args.no_modify else None,
     )
     from .attribution import AttributionConfig
 
@@ -275,7 +414,7 @@ def cmd_reproduce(args) -> int:
         AttributionConfig(method=m, n_steps=preset.n_steps).validate()
     reproduce(args.out, model=args.model, preset=preset, device=args.device,
               dtype=args.dtype, seed=args.seed, overwrite=args.overwrite,
-              progress=not args.quiet)
+              progress=not args.quiet, ppl_text=args.ppl_text)
     return 0
 
 
@@ -305,6 +444,8 @@ def cmd_models(args) -> int:
 COMMANDS = {
     "localize": cmd_localize,
     "consistency": cmd_consistency,
+    "modify": cmd_modify,
+    "intervene": cmd_intervene,
     "reproduce": cmd_reproduce,
     "query": cmd_query,
     "models": cmd_models,

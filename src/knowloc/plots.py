@@ -23,7 +23,7 @@ from knowloc.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DPI", "METHOD_LABELS", "natural_key", "save_figure", "violin_cs2"]
+__all__ = ["DPI", "METHOD_LABELS", "natural_key", "query_kn_bars", "save_figure", "violin_cs2"]
 
 #: Resolution of every saved PNG.
 DPI = 120
@@ -184,3 +184,60 @@ def violin_cs2(
         logger.warning("violin_cs2: no non-skipped facts for method %s", method)
 
     return save_figure(fig, path_png, data)
+
+
+def query_kn_bars(
+    figure4: pd.DataFrame,
+    path_png: str | os.PathLike[str],
+    *,
+    method: str = "",
+) -> Path:
+    """Grouped bar chart of ΔProb (paper Figure 4) for one localization method.
+
+    Args:
+        figure4: rows of :func:`knowloc.experiments.figure4_table` (columns ``kind, set,
+            suppress, enhance, avg, n_queries, n_empty``), usually one method's.
+        path_png: the PNG; the plotted rows go to the CSV beside it.
+        method: shown in the title.
+
+    One panel per kind (K_I, K_II); the groups are Self / Union / Intersection / Refine, the
+    bars suppression (×0), enhancement (×2) and their average. Neuron sets that were empty
+    for every query have no bar; the number of queries with an empty set is written under
+    each group.
+    """
+    missing = [c for c in ("kind", "set", "suppress", "enhance", "avg") if c not in figure4]
+    if missing:
+        raise DataError(f"query_kn_bars needs column(s) {missing}; got {list(figure4.columns)}")
+    sets = ["Self", "Union", "Intersection", "Refine"]
+    kinds = ["K_I", "K_II"]
+    fig = Figure(figsize=(10, 4.2))
+    axes = [fig.add_subplot(1, 2, i + 1) for i in range(2)]
+    width = 0.26
+    bars = (("suppress", "Sup (×0)", "C3"), ("enhance", "Enh (×2)", "C2"), ("avg", "Avg", "C0"))
+    for ax, kind in zip(axes, kinds, strict=True):
+        d = figure4[figure4["kind"] == kind].set_index("set")
+        for j, (col, label, color) in enumerate(bars):
+            vals = [float(d.loc[s, col]) if s in d.index else np.nan for s in sets]
+            ax.bar(np.arange(len(sets)) + (j - 1) * width, np.nan_to_num(vals), width,
+                   label=label, color=color)
+        labels = []
+        for s in sets:
+            if s in d.index:
+                n_empty = int(d.loc[s, "n_empty"]) if "n_empty" in d else 0
+                n = int(d.loc[s, "n_queries"]) if "n_queries" in d else 0
+                labels.append(f"{s}\n{n - n_empty}/{n} non-empty")
+            else:
+                labels.append(f"{s}\n(no queries)")
+        ax.set_xticks(range(len(sets)))
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_title(f"K$_{{{kind[2:]}}}$")
+        ax.grid(axis="y", alpha=0.3)
+        if d.empty:
+            ax.text(0.5, 0.5, "no facts", transform=ax.transAxes, ha="center", va="center")
+    axes[0].set_ylabel("ΔProb")
+    axes[0].legend(fontsize=8)
+    label = METHOD_LABELS.get(str(method), str(method))
+    fig.suptitle(f"Query-KN mapping: ΔProb of editing KN activations — {label}")
+    fig.tight_layout()
+    return save_figure(fig, path_png, figure4.reset_index(drop=True))

@@ -41,6 +41,11 @@ class Preset:
     max_screen_per_relation: int | None = None
     static_threshold: float = 0.1
     selection: Selection = field(default_factory=Selection)
+    # knowledge modification (Table 2) and query-KN mapping (Figure 4)
+    modify: bool = True
+    modify_methods: tuple[str, ...] | None = None  # None: every localized method
+    ppl_max_tokens: int = 128
+    ppl_pool: int = 25
 
 
 PRESETS: dict[str, Preset] = {
@@ -52,6 +57,9 @@ PRESETS: dict[str, Preset] = {
         relations=("P36", "P37", "P30", "P1376", "P103", "P495"),
         known_per_relation=2,
         max_queries_per_fact=4,
+        modify_methods=("amig",),
+        ppl_max_tokens=64,
+        ppl_pool=30,
     ),
     "standard": Preset(
         name="standard",
@@ -110,14 +118,20 @@ def reproduce(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    ppl_text: str | Path | None = None,
 ) -> Path:
     """Run the preset's experiments into ``out`` and write ``out/report.html``."""
     from .data import load_facts
+    from .evaluation import load_ppl_corpus
     from .experiments import (
         LocalizeConfig,
+        MappingConfig,
+        ModifyConfig,
         consistency,
         localize,
         model_fingerprint,
+        modify,
+        query_kn_mapping,
         screen,
         seed_everything,
         select_population,
@@ -138,6 +152,12 @@ def reproduce(
     model_name = model.name
     store = RunStore(out)
     cfg = LocalizeConfig(methods=p.methods, n_steps=p.n_steps, selection=p.selection)
+    edit_methods = [m for m in p.methods if p.modify_methods is None or m in p.modify_methods]
+    edit_methods = edit_methods or list(p.methods[:1])
+    mcfg = ModifyConfig(methods=edit_methods, split_threshold=p.static_threshold,
+                        ppl_max_tokens=p.ppl_max_tokens, ppl_pool=p.ppl_pool, seed=seed).validate()
+    icfg = MappingConfig(methods=edit_methods, split_threshold=p.static_threshold)
+    corpus = load_ppl_corpus(ppl_text) if p.modify else None  # fail before any work
     config = {
         "fingerprint": {"model": model_fingerprint(model), "n_steps": p.n_steps,
                         "sig_mode": cfg.sig_mode, "selection": p.selection.as_dict()},
@@ -148,6 +168,9 @@ def reproduce(
         "localize": cfg.as_dict(),
         "seed": seed,
     }
+    if p.modify:
+        config["modify"] = {**mcfg.as_dict(), "ppl_text": corpus.source if corpus else None}
+        config["intervene"] = icfg.as_dict()
     store.write_config(config, overwrite=overwrite)
     store.write_env(environment_info({"command": "reproduce", "preset": p.name}))
 
@@ -171,6 +194,15 @@ def reproduce(
     with _timed(timings, "consistency"):
         cres = consistency(store, population=p.population, static_threshold=p.static_threshold,
                            query_ids=query_ids)
+    mres = ires = None
+    if p.modify and not cres.scores["skipped"].isna().any():
+        log.warning("no fact passed the consistency filters: knowledge modification skipped")
+    elif p.modify:
+        with _timed(timings, "modify (Table 2)"):
+            mres = modify(model, store, mcfg, ppl_text=ppl_text, query_ids=query_ids,
+                          progress=progress)
+        with _timed(timings, "query-KN mapping (Figure 4)"):
+            ires = query_kn_mapping(model, store, icfg, query_ids=query_ids, progress=progress)
     timings["total"] = round(time.time() - t0, 1)
 
     sizes = {
@@ -195,7 +227,7 @@ def reproduce(
     else:
         queries = queries.assign(seconds=float("nan"))
     path = _write_report(store, p, model, config, sizes, skipped_items, timings, screened,
-                         queries, cres)
+                         queries, cres, mres, ires)
     print(f"report: {path}")
     return path
 
@@ -238,7 +270,51 @@ def _layer_figure(store, neurons: pd.DataFrame, n_layers: int) -> tuple[Path, Pa
     return png, png.with_suffix(".csv")
 
 
-def _write_report(store, p, model, config, sizes, skipped_items, timings, screened, queries, cres):
+def _modification_sections(store, mres, ires) -> list:
+    from .experiments import _corpus_note
+    from .report import Section
+
+    sections = []
+    if mres is not None:
+        note = html.escape(_corpus_note(mres.ppl))
+        t2 = mres.table2
+        sections.append(Section(
+            title="Knowledge modification (Table 2)",
+            html=(
+                "<p>For each known query q<sub>i</sub> of a K<sub>I</sub>/K<sub>II</sub> fact, "
+                "the value vectors of its knowledge neurons N<sub>i</sub> (local) or of the "
+                "union N<sub>g</sub> over the fact's queries (global) are erased (set to 0) or "
+                "updated (v &minus; 2E(o) + 2E(o&prime;), o&prime; another object of the same "
+                "relation), evaluated, and restored bit for bit. Rel and Gen of erasure are "
+                "1 &minus; accuracy on q<sub>i</sub> and on the neighbor queries the unedited "
+                "model answers correctly; update: accuracy of o&prime;. Loc: share of "
+                f"{mres.edits['n_loc'].max() if len(mres.edits) else 0} unrelated queries "
+                "(facts of other relations) whose top-1 is unchanged. "
+                f"&Delta;PPL on {mres.ppl['n_entries']} entries drawn per edit (first "
+                f"{mres.ppl['max_tokens']} tokens each). <b>{note}</b> Empty neuron sets "
+                "are counted, never averaged as successes.</p>"),
+            tables=[("Table 2", t2, store.path("table2.csv"))],
+        ))
+    if ires is not None:
+        sections.append(Section(
+            title="Query-KN mapping (Figure 4)",
+            html=(
+                "<p>Activations of the knowledge neurons at the last position are suppressed "
+                "(&times;0) or enhanced (&times;2), for the query's own set (Self N<sub>i</sub>) "
+                "and for neighbor sets over the other queries j &ne; i: Union, Intersection, "
+                "Refine (in more than one N<sub>j</sub>). &Delta;Prob = &plusmn;(P<sub>a</sub> "
+                "&minus; P<sub>b</sub>)/P<sub>b</sub>, &minus; for suppression; Avg is their "
+                "mean. Known queries only; a query whose neighbor set is empty is counted in "
+                "n_empty and left out of the means.</p>"),
+            tables=[("Figure 4 data (mean ΔProb)", ires.figure4, store.path("figure4.csv"))],
+            figures=[(f"Query-KN mapping, {m.upper()} (Figure 4)", png, csv)
+                     for m, (png, csv) in ires.figures.items()],
+        ))
+    return sections
+
+
+def _write_report(store, p, model, config, sizes, skipped_items, timings, screened, queries, cres,
+                  mres=None, ires=None):
     from .report import Section, build_report
 
     neurons = store.table("neuron_sets")
@@ -295,6 +371,7 @@ def _write_report(store, p, model, config, sizes, skipped_items, timings, screen
                       png, csv) for m, (png, csv) in cres.figures.items()],
         ),
     ]
+    sections += _modification_sections(store, mres, ires)
     run_info = {
         "model": model.name,
         "dataset": config["dataset"]["source"],
