@@ -223,10 +223,9 @@ def auto_batch_size(model: Model, seq_len: int, memory_budget_gb: float) -> int:
 
 
 def head_rows(model: Model, memory_budget_gb: float) -> int:
-    """Rows per block of the fused head (it keeps ~2 [vocab] buffers per row)."""
-    V = int(model.unembedding().weight.shape[0])
+    """Rows per block of the fused head (per row: ~3 [HEAD_BLOCK] logit buffers)."""
     el = torch.finfo(work_dtype(model)).bits // 8
-    return max(1, int(memory_budget_gb * 2**30 // (3 * V * el)))
+    return max(1, int(memory_budget_gb * 2**30 // (3 * HEAD_BLOCK * el)))
 
 
 def _grow(n_new: int):
@@ -301,6 +300,9 @@ class _PrefixRunner:
         return out.last_hidden_state[:, -1]
 
 
+HEAD_BLOCK = 8192  # vocabulary rows per block of the fused head
+
+
 @torch.no_grad()
 def target_prob_grad(
     model: Model, hidden: torch.Tensor, target: int, max_rows: int | None = None
@@ -309,43 +311,61 @@ def target_prob_grad(
 
     With z = E h (+ bias, then soft-capping z -> c tanh(z/c) where the model has it) and
     p = softmax(z): dp_t/dh = p_t ((1 - p_t) s_t E_t - sum_{v != t} p_v s_v E_v), s_v the
-    soft-cap derivative (1 without). Two matrix products per block of ``max_rows`` rows and a
-    few passes over one [vocab, rows] buffer, in place; the target is left out of the sum,
-    which would otherwise cancel badly when p_t is close to 1. Returns ``(p_t [n],
-    grad [n, d_model])`` in :func:`work_dtype`.
+    soft-cap derivative (1 without). The vocabulary is swept in blocks of ``HEAD_BLOCK`` rows
+    with a running maximum (online softmax): each block's logits are computed, exponentiated
+    and multiplied back into E while they are still in cache, so the [vocab, n] logits never
+    exist in full and E is read once. The target is left out of the sum, which would
+    otherwise cancel badly when p_t is close to 1. Rows go in blocks of ``max_rows``.
+    Returns ``(p_t [n], grad [n, d_model])`` in :func:`work_dtype`.
     """
     head = model.unembedding()
     W = head.weight  # [V, d]
     bias = getattr(head, "bias", None)
     cap = model.logit_softcap()
     work = work_dtype(model)
+    V, d = W.shape
     n = hidden.shape[0]
     max_rows = max_rows or n
-    p_out = torch.empty(n, device=hidden.device, dtype=work)
-    g_out = torch.empty(n, W.shape[1], device=hidden.device, dtype=work)
+    dev = hidden.device
+    p_out = torch.empty(n, device=dev, dtype=work)
+    g_out = torch.empty(n, d, device=dev, dtype=work)
     w_t = W[target].to(work)
     for i in range(0, n, max_rows):
         h = hidden[i : i + max_rows].to(W.dtype)
-        z = (W @ h.t()).to(work)  # [V, r]: this orientation is the faster product on CPU
-        if bias is not None:
-            z += bias.to(work)[:, None]
-        if cap:
-            z.div_(cap).tanh_()
-            slope = 1 - z * z
-            z.mul_(cap)
-        z -= z.amax(0, keepdim=True)
-        z.exp_()
-        total = z.sum(0)
-        p_t = z[target] / total
-        z[target] = 0
-        s_t = 1.0
-        if cap:
-            s_t = slope[target]
-            z *= slope
-            del slope
-        rest = (z.t().to(W.dtype) @ W).to(work) / total[:, None]  # sum_{v != t} p_v s_v E_v
-        del z
-        g_out[i : i + max_rows] = p_t[:, None] * ((1 - p_t) * s_t)[:, None] * w_t - p_t[:, None] * rest
+        r = h.shape[0]
+        ht = h.t().contiguous()
+        run_max = torch.full((r,), -torch.inf, device=dev, dtype=work)
+        total = torch.zeros(r, device=dev, dtype=torch.float64)  # cheap, and p_t hinges on it
+        rest = torch.zeros(r, d, device=dev, dtype=work)  # sum_{v != t} exp(z_v - max) s_v E_v
+        for s in range(0, V, HEAD_BLOCK):
+            Wb = W[s : s + HEAD_BLOCK]
+            z = (Wb @ ht).to(work)  # [block, r]
+            if bias is not None:
+                z += bias[s : s + HEAD_BLOCK].to(work)[:, None]
+            slope = None
+            if cap:
+                z.div_(cap).tanh_()
+                slope = 1 - z * z
+                z.mul_(cap)
+            if s <= target < s + HEAD_BLOCK:  # the target's logit from the same product
+                y_t = z[target - s].clone()
+                s_t = slope[target - s].clone() if slope is not None else 1.0
+            new_max = torch.maximum(run_max, z.amax(0))
+            rescale = torch.exp(run_max - new_max)
+            z -= new_max
+            z.exp_()
+            total.mul_(rescale.double()).add_(z.sum(0, dtype=torch.float64))
+            if s <= target < s + HEAD_BLOCK:
+                z[target - s] = 0
+            if slope is not None:
+                z *= slope
+            rest.mul_(rescale[:, None]).addmm_(z.t(), Wb.to(work))
+            run_max = new_max
+        e_t = torch.exp(y_t - run_max)
+        total = total.to(work)
+        p_t = e_t / total
+        rest /= total[:, None]
+        g_out[i : i + max_rows] = p_t[:, None] * (((1 - p_t) * s_t)[:, None] * w_t - rest)
         p_out[i : i + max_rows] = p_t
     return p_out, g_out
 
