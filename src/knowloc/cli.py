@@ -115,7 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text file for ΔPPL of the modification stage (e.g. WikiText-2's "
                         "wiki.test.raw); default: knowloc's small built-in English corpus")
     p.add_argument("--no-modify", action="store_true",
-                   help="skip knowledge modification (Table 2) and query-KN mapping (Figure 4)")
+                   help="skip knowledge modification (Tables 2, 3) and query-KN mapping "
+                        "(Figure 4)")
+    p.add_argument("--no-attention", action="store_true",
+                   help="skip the attention experiments (Figures 1, 5, 6, 7, 10)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--overwrite", action="store_true")
 
@@ -126,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--op", type=_csv, default=["erase", "update"],
                    help="erase, update or both, comma-separated (default: erase,update)")
     p.add_argument("--set", dest="edit_set", type=_csv, default=["local", "global"],
-                   help="local (N_i), global (N_g) or both (default: local,global)")
+                   help="local (N_i), global (N_g), cas (Consistency-Aware set, Table 3), "
+                        "comma-separated (default: local,global)")
     p.add_argument("--ppl-text", type=Path, default=None,
                    help="text file for ΔPPL, one entry per line (e.g. WikiText-2's "
                         "wiki.test.raw); default: knowloc's small built-in English corpus")
@@ -162,6 +166,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-queries", action="store_true",
                    help="also queries the model does not answer correctly (default: known only)")
     _add_run_model_args(p)
+
+    p = sub.add_parser("attention", help="predominance, knowledge synapses × 0 / × 2: "
+                                         "Figures 5, 6 (and heatmaps, Figures 1, 7, 10)")
+    p.add_argument("--run", type=Path, required=True,
+                   help="run directory with consistency results")
+    p.add_argument("--method", type=_csv, default=None,
+                   help="methods whose KNs (ΔValue) and K_I/K_II split are used "
+                        "(default: every method of the run)")
+    p.add_argument("--split-threshold", default="0.1")
+    p.add_argument("--alpha", type=float, default=0.3,
+                   help="synapse threshold τ = alpha × mean column mass (default: 0.3)")
+    p.add_argument("--enhance", type=float, default=2.0, help="enhancement factor (default: 2)")
+    p.add_argument("--all-queries", action="store_true",
+                   help="Figure 6 over all queries (default: those the model answers correctly)")
+    p.add_argument("--no-heatmaps", action="store_true",
+                   help="skip the heatmaps of a K_I and a K_II fact")
+    p.add_argument("--seed", type=int, default=0, help="draw of the unrelated queries")
+    _add_run_model_args(p)
+
+    p = sub.add_parser("heatmap", help="layer × neuron activation heatmaps of prompts, as is "
+                                       "and with their knowledge synapses × 0 / × 2 "
+                                       "(Figures 1, 7, 10)")
+    _add_model_args(p)
+    p.add_argument("--prompt", action="append", required=True,
+                   help="cloze prompt; repeat for neighbor queries")
+    p.add_argument("--answer", action="append", required=True,
+                   help="gold answer: one for all prompts or one per --prompt")
+    p.add_argument("--method", default="ig",
+                   help="method localizing the KNs to circle (ig, sig, amig) or none "
+                        "(default: ig)")
+    p.add_argument("--n-steps", type=int, default=20)
+    p.add_argument("--threshold", type=float, default=0.2,
+                   help="knowledge neurons: attribution > threshold × max (default: 0.2)")
+    p.add_argument("--neurons", type=int, default=64,
+                   help="neuron columns drawn: the KNs' indices, then the largest |activation| "
+                        "(default: 64)")
+    p.add_argument("--alpha", type=float, default=0.3)
+    p.add_argument("--out", type=Path, default=Path("heatmap"),
+                   help="output directory (default: ./heatmap)")
 
     p = sub.add_parser("query", help="run SQL (DuckDB) over a run's tables")
     p.add_argument("run", type=Path)
@@ -369,8 +412,11 @@ def cmd_modify(args) -> int:
     res = modify(model, store, cfg, ppl_text=args.ppl_text, progress=not args.quiet)
     _record_stage_config(store, "modify", {**cfg.as_dict(), "ppl": res.ppl})
     print(res.table2_md)
+    if res.table3_md:
+        print("\n" + res.table3_md)
     print(f"\nedited {res.computed} unit(s) ({res.skipped_done} already done) in "
-          f"{res.seconds:.1f} s; wrote {args.run / 'table2.md'}, table2.csv, edits.parquet, "
+          f"{res.seconds:.1f} s; wrote {args.run / 'table2.md'}, table2.csv, "
+          + ("table3.md, table3.csv, " if res.table3_md else "") + "edits.parquet, "
           "metrics.parquet")
     return 0
 
@@ -396,6 +442,75 @@ def cmd_intervene(args) -> int:
     return 0
 
 
+def cmd_attention(args) -> int:
+    from .experiments import AttentionConfig, attention_experiment
+
+    cfg = AttentionConfig(methods=args.method, split_threshold=args.split_threshold,
+                          alpha=args.alpha, enhance=args.enhance,
+                          only_known=not args.all_queries, seed=args.seed).validate()
+    store, config = _open_run_for_editing(args)
+    model = _load_run_model(args, config)
+    res = attention_experiment(model, store, cfg, heatmaps=not args.no_heatmaps,
+                               progress=not args.quiet)
+    _record_stage_config(store, "attention", cfg.as_dict())
+    import pandas as pd
+
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        f5 = res.figure5.groupby(["method", "kind", "first"])["P"].agg(["mean", "count"])
+        print("Predominance P (Figure 5; first = position 0 allowed):")
+        print(f5.to_string(float_format=lambda x: f"{x:.3f}"))
+        f6 = res.figure6[res.figure6["metric"] == "delta_prob"]
+        print("\nΔProb of manipulating knowledge synapses (Figure 6; first = as defined, "
+              "False = position 0 excluded):")
+        print(f6[["method", "first", "kind", "synapses", "operation", "value", "median", "n"]]
+              .to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(f"\nanalyzed {res.computed} fact(s) ({res.skipped_done} already done) in "
+          f"{res.seconds:.1f} s; wrote figure5.csv, figure6.csv, predominance.parquet, "
+          f"attention_queries.parquet, synapse_effects.parquet and "
+          f"{len(res.figures) + sum(len(v) for v in res.heatmaps.values())} figure(s) under "
+          f"{args.run / 'figures'}")
+    return 0
+
+
+def cmd_heatmap(args) -> int:
+    from .attribution import AttributionConfig, attribute
+    from .experiments import heatmap_figures, heatmap_table
+    from .neurons import Selection, knowledge_neurons
+
+    prompts, answers = list(args.prompt), list(args.answer)
+    if len(answers) == 1:
+        answers = answers * len(prompts)
+    if len(answers) != len(prompts):
+        raise ConfigError(f"give one --answer for all prompts or one per --prompt "
+                          f"({len(prompts)} prompts, {len(answers)} answers)")
+    if args.neurons < 1:
+        raise ConfigError("--neurons must be >= 1")
+    if args.method != "none":
+        AttributionConfig(method=args.method, n_steps=args.n_steps).validate()
+    Selection("relative", args.threshold).validate()
+    model = _load(args)
+    neurons, labels = [], []
+    for i, (prompt, answer) in enumerate(zip(prompts, answers)):
+        target = model.target_id(prompt, answer)
+        p = float(model.next_token_probs([prompt])[0, target])
+        kn: list = []
+        if args.method != "none":
+            attr = attribute(model, (prompt, answer), args.method, n_steps=args.n_steps,
+                             progress=False)
+            kn = sorted(knowledge_neurons(attr, args.threshold).neurons)
+        neurons.append(kn)
+        labels.append(f"q{i + 1}: {prompt[-40:]} → {answer}")
+        _say(f"q{i + 1}: P({answer!r}) = {p:.4f}"
+             + (f", {len(kn)} knowledge neuron(s) ({args.method.upper()})"
+                if args.method != "none" else ""))
+    table = heatmap_table(model, prompts, labels, neurons, alpha=args.alpha,
+                          n_neurons=args.neurons)
+    figs = heatmap_figures(table, args.out, title=model.name)
+    for name, (png, csv) in figs.items():
+        print(f"{name}: {png} ({csv.name})")
+    return 0
+
+
 def cmd_reproduce(args) -> int:
     from .reproduce import reproduce, resolve_preset
 
@@ -407,6 +522,7 @@ def cmd_reproduce(args) -> int:
         methods=tuple(args.method) if args.method else None,
         n_steps=args.n_steps, population=args.population,
         modify=False if args.no_modify else None,
+        attention=False if args.no_attention else None,
     )
     from .attribution import AttributionConfig
 
@@ -446,6 +562,8 @@ COMMANDS = {
     "consistency": cmd_consistency,
     "modify": cmd_modify,
     "intervene": cmd_intervene,
+    "attention": cmd_attention,
+    "heatmap": cmd_heatmap,
     "reproduce": cmd_reproduce,
     "query": cmd_query,
     "models": cmd_models,

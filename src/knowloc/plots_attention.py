@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from knowloc.errors import DataError
 from knowloc.plots import natural_key, save_figure
@@ -112,6 +113,7 @@ def activation_heatmaps(
             ax.set_xlabel("neuron" if grid.shape[1] == grid.columns.max() + 1 - grid.columns.min()
                           else "neuron (selected columns)")
             ax.set_ylabel("layer")
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_title(f"{q}\n{CONDITION_LABELS.get(cond, cond)}", fontsize=9)
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.8, label="activation")

@@ -3,7 +3,9 @@
 Presets (all documented in the README):
 
 * ``quick``    built-in facts, 6 relations, 2 known facts each, 4 queries per fact,
-               IG/SIG/AMIG at 20 steps: ~10-15 min on a 2-core CPU.
+               IG/SIG/AMIG at 20 steps; modification (Tables 2, 3), query-KN mapping
+               (Figure 4) and the attention experiments (Figures 1, 5, 6, 7, 10) with AMIG's
+               knowledge neurons only: under 30 min on a 2-core CPU.
 * ``standard`` ParaRel (give ``--dataset pararel:<dir>``), every relation with >= 2 usable
                templates, the first 2 known facts of each, all their queries, all methods.
 * ``paper``    ParaRel, every fact the model knows, all methods, 20 steps (the paper's
@@ -46,6 +48,9 @@ class Preset:
     modify_methods: tuple[str, ...] | None = None  # None: every localized method
     ppl_max_tokens: int = 128
     ppl_pool: int = 25
+    cas: bool = True  # Table 3: the Consistency-Aware set next to N_i, N_g
+    # dynamic KN selection (Figures 1, 5, 6, 7, 10), with the modification methods' KNs
+    attention: bool = True
 
 
 PRESETS: dict[str, Preset] = {
@@ -124,9 +129,11 @@ def reproduce(
     from .data import load_facts
     from .evaluation import load_ppl_corpus
     from .experiments import (
+        AttentionConfig,
         LocalizeConfig,
         MappingConfig,
         ModifyConfig,
+        attention_experiment,
         consistency,
         localize,
         model_fingerprint,
@@ -155,8 +162,11 @@ def reproduce(
     edit_methods = [m for m in p.methods if p.modify_methods is None or m in p.modify_methods]
     edit_methods = edit_methods or list(p.methods[:1])
     mcfg = ModifyConfig(methods=edit_methods, split_threshold=p.static_threshold,
+                        sets=("local", "global", "cas") if p.cas else ("local", "global"),
                         ppl_max_tokens=p.ppl_max_tokens, ppl_pool=p.ppl_pool, seed=seed).validate()
     icfg = MappingConfig(methods=edit_methods, split_threshold=p.static_threshold)
+    acfg = AttentionConfig(methods=edit_methods, split_threshold=p.static_threshold,
+                           seed=seed).validate()
     corpus = load_ppl_corpus(ppl_text) if p.modify else None  # fail before any work
     config = {
         "fingerprint": {"model": model_fingerprint(model), "n_steps": p.n_steps,
@@ -171,6 +181,8 @@ def reproduce(
     if p.modify:
         config["modify"] = {**mcfg.as_dict(), "ppl_text": corpus.source if corpus else None}
         config["intervene"] = icfg.as_dict()
+    if p.attention:
+        config["attention"] = acfg.as_dict()
     store.write_config(config, overwrite=overwrite)
     store.write_env(environment_info({"command": "reproduce", "preset": p.name}))
 
@@ -194,15 +206,21 @@ def reproduce(
     with _timed(timings, "consistency"):
         cres = consistency(store, population=p.population, static_threshold=p.static_threshold,
                            query_ids=query_ids)
-    mres = ires = None
-    if p.modify and not cres.scores["skipped"].isna().any():
-        log.warning("no fact passed the consistency filters: knowledge modification skipped")
-    elif p.modify:
-        with _timed(timings, "modify (Table 2)"):
+    mres = ires = ares = None
+    has_split = bool(cres.scores["skipped"].isna().any())
+    if (p.modify or p.attention) and not has_split:
+        log.warning("no fact passed the consistency filters: knowledge modification and "
+                    "attention experiments skipped")
+    if p.modify and has_split:
+        with _timed(timings, "modify (Tables 2, 3)" if p.cas else "modify (Table 2)"):
             mres = modify(model, store, mcfg, ppl_text=ppl_text, query_ids=query_ids,
                           progress=progress)
         with _timed(timings, "query-KN mapping (Figure 4)"):
             ires = query_kn_mapping(model, store, icfg, query_ids=query_ids, progress=progress)
+    if p.attention and has_split:
+        with _timed(timings, "attention (Figures 1, 5, 6, 7, 10)"):
+            ares = attention_experiment(model, store, acfg, query_ids=query_ids,
+                                        progress=progress)
     timings["total"] = round(time.time() - t0, 1)
 
     sizes = {
@@ -227,7 +245,7 @@ def reproduce(
     else:
         queries = queries.assign(seconds=float("nan"))
     path = _write_report(store, p, model, config, sizes, skipped_items, timings, screened,
-                         queries, cres, mres, ires)
+                         queries, cres, mres, ires, ares)
     print(f"report: {path}")
     return path
 
@@ -313,8 +331,89 @@ def _modification_sections(store, mres, ires) -> list:
     return sections
 
 
+def _attention_sections(store, mres, ares) -> list:
+    from .experiments import _corpus_note
+    from .report import Section
+
+    sections = []
+    if ares is not None:
+        pred = ares.figure5
+        share = (ares.queries["n_synapses_first"].sum() / max(1, ares.queries["n_synapses"].sum())
+                 if len(ares.queries) else float("nan"))
+        sections.append(Section(
+            title="Dynamic KN selection: predominance (Figure 5)",
+            html=(
+                "<p>For each query, the most attended token t<sub>i</sub>: the argmax over "
+                "positions c of the attention it receives, &Sigma;<sub>r</sub> "
+                "A<sup>(r,c)</sup> averaged over layers and heads (eager attention). "
+                "Predominance P of a fact = the largest share of its queries that agree on "
+                "t<sub>i</sub> (tokens compared by text). Shown with the first position "
+                "(BOS / attention sink), which wins almost every query in models with a sink, "
+                "and without it. Split K<sub>I</sub>/K<sub>II</sub> by CS<sub>2</sub> of the "
+                f"method's knowledge neurons. {len(set(pred['fact_id']))} facts.</p>"),
+            tables=[("Figure 5 data (P per fact)", pred, store.path("figure5.csv"))],
+            figures=[(f"Predominance, {k.split('_', 1)[1].upper()} split (Figure 5)", png, csv)
+                     for k, (png, csv) in ares.figures.items() if k.startswith("figure5_")],
+        ))
+        sections.append(Section(
+            title="Knowledge synapses (Figure 6)",
+            html=(
+                "<p>Knowledge synapses S = {(c, l, h) : &Sigma;<sub>r</sub> "
+                "A<sub>(l,h)</sub><sup>(r,c)</sup> &gt; &tau;}, &tau; = 0.3 &middot; mean column "
+                "mass. Their post-softmax weights are suppressed (&times;0) or enhanced "
+                "(&times;2) in every row, for the query's own synapses (Self) and, for "
+                "comparison, for those of a query of a fact of another relation (Irrelevant, "
+                "seeded, clipped to the prompt length). &Delta;Value: relative change of the "
+                "mean activation of the query's knowledge neurons; &Delta;Prob: of P(answer); "
+                "sign &minus; for suppression (positive = the expected direction). "
+                f"<b>{share:.0%} of the synapses as defined sit at position 0</b> (the "
+                "BOS / sink token, one per head), so suppressing them disables attention for "
+                "any prompt and the Self / Irrelevant comparison saturates; the variant with "
+                "position 0 excluded from both sets is shown beside it. Known queries only "
+                "(unless the stage ran with --all-queries).</p>"),
+            tables=[("Figure 6 data (mean ΔValue / ΔProb)", ares.figure6,
+                     store.path("figure6.csv"))],
+            figures=[(("Knowledge synapses as defined, " if k.endswith("as-defined") else
+                       "Knowledge synapses, position 0 excluded, ")
+                      + f"{k.split('_')[1].upper()} KNs (Figure 6)", png, csv)
+                     for k, (png, csv) in ares.figures.items() if k.startswith("figure6_")],
+        ))
+        figs = []
+        names = {"figure1": "Figure 1: as is", "figure7": "Figure 7: synapses suppressed",
+                 "figure10": "Figure 10: synapses enhanced"}
+        for kind, by_fig in ares.heatmaps.items():
+            for fig, (png, csv) in by_fig.items():
+                figs.append((f"{kind} fact, two neighbor queries — {names[fig]}", png, csv))
+        if figs:
+            sections.append(Section(
+                title="Activation heatmaps (Figures 1, 7, 10)",
+                html=(
+                    "<p>Last-position activations (layers &times; a window of neurons: the "
+                    "knowledge neurons' indices, circled, then the largest |activation|) of two "
+                    "neighbor queries of one K<sub>I</sub> and one K<sub>II</sub> fact, as is "
+                    "(Figure 1) and with each query's knowledge synapses suppressed (Figure 7) "
+                    "or enhanced (Figure 10), as defined and with position 0 excluded.</p>"),
+                figures=figs,
+            ))
+    if mres is not None and mres.table3 is not None:
+        sections.append(Section(
+            title="Consistency-Aware KN modification (Table 3)",
+            html=(
+                "<p>CAS<sub>lp</sub> = 0.7 &mu;<sub>lp</sub> &minus; 0.3 &sigma;<sub>lp</sub> of "
+                "the max-normalized attribution of neuron (l, p) over the fact's queries; the "
+                "edit set is the neurons with CAS &gt; 0.3 &middot; max CAS, chosen among the "
+                "union of the queries' knowledge neurons (a subset of N<sub>g</sub>; the "
+                "paper's unrestricted version is <code>knowloc.neurons.cas_neurons</code> "
+                "without <code>candidates</code>), edited for all the fact's known queries "
+                "at once like N<sub>g</sub>. Same erasure / update evaluation as Table 2. "
+                f"<b>{html.escape(_corpus_note(mres.ppl))}</b></p>"),
+            tables=[("Table 3", mres.table3, store.path("table3.csv"))],
+        ))
+    return sections
+
+
 def _write_report(store, p, model, config, sizes, skipped_items, timings, screened, queries, cres,
-                  mres=None, ires=None):
+                  mres=None, ires=None, ares=None):
     from .report import Section, build_report
 
     neurons = store.table("neuron_sets")
@@ -372,6 +471,7 @@ def _write_report(store, p, model, config, sizes, skipped_items, timings, screen
         ),
     ]
     sections += _modification_sections(store, mres, ires)
+    sections += _attention_sections(store, mres, ares)
     run_info = {
         "model": model.name,
         "dataset": config["dataset"]["source"],
