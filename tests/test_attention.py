@@ -458,7 +458,7 @@ def test_scopes_are_per_model_and_nest(models):
             nested = _logits(m)
         with scale_attention(m, [(1, 2, 0)], 0.0):
             single = _logits(m)
-        torch.testing.assert_close(nested, single, rtol=0, atol=1e-6)
+        torch.testing.assert_close(nested, single, rtol=1e-5, atol=1e-5)  # float32 summation order
     _nothing_left_behind(m)
 
 
