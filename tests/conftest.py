@@ -28,3 +28,25 @@ def smollm2():
     from knowloc import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny LLaMA-architecture model + tokenizer saved as a local model directory."""
+    from tiny import tiny_model
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    m = tiny_model("llama")
+    m.hf.save_pretrained(d)
+    m.tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def facts_file(tmp_path_factory) -> Path:
+    """tests/tiny.py's small JSONL facts file (two relations)."""
+    from tiny import write_facts_jsonl
+
+    p = tmp_path_factory.mktemp("facts") / "facts.jsonl"
+    write_facts_jsonl(p)
+    return p

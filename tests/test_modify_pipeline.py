@@ -2,47 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from conftest import WIKITEXT
-from tiny import tiny_model
+from tiny import CAPITAL_FACTS, LANGUAGE_FACTS, tiny_model
 
 from knowloc.cli import main
 
-TEMPLATES = ["the official language of [X] is [Y]", "the language spoken in [X] is [Y]",
-             "people in [X] speak [Y]", "in [X] people speak [Y]"]
-FACTS = [("brazil", "portuguese"), ("france", "french"), ("spain", "spanish"),
-         ("germany", "german"), ("italy", "italian"), ("japan", "japanese")]
-CAPITALS = [("paris", "france"), ("madrid", "spain"), ("berlin", "germany")]
-
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny-llama")
-    m = tiny_model("llama")
-    m.hf.save_pretrained(d)
-    m.tokenizer.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def localized(tmp_path_factory, tiny_dir) -> Path:
+def localized(tmp_path_factory, tiny_dir, facts_file) -> Path:
     """A run with localization but no consistency results."""
     root = tmp_path_factory.mktemp("runs")
-    facts = root / "facts.jsonl"
-    with facts.open("w") as f:
-        for s, o in FACTS:
-            f.write(json.dumps({"relation": "P37", "subject": s, "object": o,
-                                "templates": TEMPLATES}) + "\n")
-        for s, o in CAPITALS:
-            f.write(json.dumps({"relation": "P1376", "subject": s, "object": o,
-                                "templates": ["[X] is the capital of [Y]",
-                                              "[X] is the capital city of [Y]",
-                                              "[X] , the capital of [Y]"]}) + "\n")
+    facts = facts_file
     run = root / "localized"
     assert main(["-q", "localize", "--model", str(tiny_dir), "--dataset", f"jsonl:{facts}",
                  "--method", "ig,amig", "--n-steps", "3", "--out", str(run)]) == 0
@@ -124,7 +99,7 @@ def test_modify_stage_leaves_the_model_untouched(run):
                                                     ppl_max_tokens=16), progress=False)
     assert weights_digest(model) == before
     assert (res.edits["status"] == "ok").any()
-    assert set(res.edits["new_answer"]) - {""} <= {o for _, o in FACTS} | {o for _, o in CAPITALS}
+    assert set(res.edits["new_answer"]) - {""} <= {o for _, o in LANGUAGE_FACTS} | {o for _, o in CAPITAL_FACTS}
     assert (res.edits["new_answer"] != res.edits["answer"]).all()
 
 
@@ -168,10 +143,10 @@ def test_intervene_writes_figure4_with_checkable_rows(run, capsys):
     assert ok["delta_prob"] == pytest.approx(sign * (p_a - p_b) / p_b, rel=1e-3, abs=1e-6)
 
 
-def test_reproduce_adds_the_modification_sections(tiny_dir, localized, tmp_path):
+def test_reproduce_adds_the_modification_sections(tiny_dir, facts_file, tmp_path):
     from knowloc.report import report_manifest
 
-    facts = localized.parent / "facts.jsonl"
+    facts = facts_file
     out = tmp_path / "rep"
     assert main(["-q", "reproduce", "--model", str(tiny_dir), "--dataset", f"jsonl:{facts}",
                  "--method", "ig,amig", "--n-steps", "3", "--population", "all",

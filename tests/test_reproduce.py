@@ -2,55 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
-import pytest
-from tiny import tiny_model
 
 from knowloc.cli import main
 from knowloc.report import report_manifest
-
-TEMPLATES = [
-    "the official language of [X] is [Y]",
-    "the language spoken in [X] is [Y]",
-    "people in [X] speak [Y]",
-    "in [X] people speak [Y]",
-]
-FACTS = [("brazil", "portuguese"), ("france", "french"), ("spain", "spanish"),
-         ("germany", "german"), ("italy", "italian"), ("japan", "japanese")]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    """A tiny LLaMA-architecture model + tokenizer saved as a local model directory."""
-    d = tmp_path_factory.mktemp("tiny-llama")
-    m = tiny_model("llama")
-    m.hf.save_pretrained(d)
-    m.tokenizer.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def facts_file(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("facts") / "facts.jsonl"
-    with p.open("w") as f:
-        for s, o in FACTS:
-            f.write(json.dumps({"relation": "P37", "subject": s, "object": o,
-                                "templates": TEMPLATES}) + "\n")
-        for s, o in [("paris", "france"), ("madrid", "spain"), ("berlin", "germany")]:
-            f.write(json.dumps({"relation": "P1376", "subject": s, "object": o,
-                                "templates": ["[X] is the capital of [Y]",
-                                              "[X] is the capital city of [Y]",
-                                              "[X] , the capital of [Y]"]})
-                    + "\n")
-    return p
 
 
 def _args(model_dir, facts, out, methods="ig,amig"):

@@ -86,3 +86,25 @@ def tiny_model(arch: str, seed: int = 0, dtype=torch.float32, check: bool = True
     hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     tok = make_tokenizer(bos=arch != "gpt2")
     return wrap(hf, tok, name=f"tiny-{arch}", check=check)
+
+
+# ------------------------------------------------------------- a small facts file (JSONL)
+LANGUAGE_TEMPLATES = ["the official language of [X] is [Y]", "the language spoken in [X] is [Y]",
+                      "people in [X] speak [Y]", "in [X] people speak [Y]"]
+LANGUAGE_FACTS = [("brazil", "portuguese"), ("france", "french"), ("spain", "spanish"),
+                  ("germany", "german"), ("italy", "italian"), ("japan", "japanese")]
+CAPITAL_TEMPLATES = ["[X] is the capital of [Y]", "[X] is the capital city of [Y]",
+                     "[X] , the capital of [Y]"]
+CAPITAL_FACTS = [("paris", "france"), ("madrid", "spain"), ("berlin", "germany")]
+
+
+def write_facts_jsonl(path) -> None:
+    """Six P37 facts (4 templates each) and three P1376 facts (3 templates each)."""
+    import json
+
+    with open(path, "w") as f:
+        for rel, facts, templates in (("P37", LANGUAGE_FACTS, LANGUAGE_TEMPLATES),
+                                      ("P1376", CAPITAL_FACTS, CAPITAL_TEMPLATES)):
+            for subj, obj in facts:
+                f.write(json.dumps({"relation": rel, "subject": subj, "object": obj,
+                                    "templates": templates}) + "\n")
