@@ -50,3 +50,15 @@ def facts_file(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("facts") / "facts.jsonl"
     write_facts_jsonl(p)
     return p
+
+
+@pytest.fixture(scope="session")
+def localized(tmp_path_factory, tiny_dir, facts_file) -> Path:
+    """A run directory with localization (IG, AMIG, 3 steps) but no consistency results.
+    Shared: tests copy it before adding stages."""
+    from knowloc.cli import main
+
+    run = tmp_path_factory.mktemp("runs") / "localized"
+    assert main(["-q", "localize", "--model", str(tiny_dir), "--dataset", f"jsonl:{facts_file}",
+                 "--method", "ig,amig", "--n-steps", "3", "--out", str(run)]) == 0
+    return run

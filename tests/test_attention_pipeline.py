@@ -13,15 +13,6 @@ from knowloc.cli import main
 
 
 @pytest.fixture(scope="module")
-def localized(tmp_path_factory, tiny_dir, facts_file) -> Path:
-    """A run with localization (IG, AMIG) but no consistency results."""
-    run = tmp_path_factory.mktemp("runs") / "localized"
-    assert main(["-q", "localize", "--model", str(tiny_dir), "--dataset", f"jsonl:{facts_file}",
-                 "--method", "ig,amig", "--n-steps", "3", "--out", str(run)]) == 0
-    return run
-
-
-@pytest.fixture(scope="module")
 def analyzed(localized, tmp_path_factory) -> Path:
     """The run with consistency results and the attention stage done once."""
     out = tmp_path_factory.mktemp("analyzed") / "run"

@@ -13,17 +13,6 @@ from tiny import CAPITAL_FACTS, LANGUAGE_FACTS, tiny_model
 from knowloc.cli import main
 
 
-@pytest.fixture(scope="module")
-def localized(tmp_path_factory, tiny_dir, facts_file) -> Path:
-    """A run with localization but no consistency results."""
-    root = tmp_path_factory.mktemp("runs")
-    facts = facts_file
-    run = root / "localized"
-    assert main(["-q", "localize", "--model", str(tiny_dir), "--dataset", f"jsonl:{facts}",
-                 "--method", "ig,amig", "--n-steps", "3", "--out", str(run)]) == 0
-    return run
-
-
 @pytest.fixture()
 def run(localized, tmp_path) -> Path:
     """A fresh copy of the run with consistency results."""
