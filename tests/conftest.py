@@ -62,3 +62,30 @@ def localized(tmp_path_factory, tiny_dir, facts_file) -> Path:
     assert main(["-q", "localize", "--model", str(tiny_dir), "--dataset", f"jsonl:{facts_file}",
                  "--method", "ig,amig", "--n-steps", "3", "--out", str(run)]) == 0
     return run
+
+
+@pytest.fixture()
+def run(localized, tmp_path) -> Path:
+    """A fresh copy of ``localized`` with consistency results (every fact)."""
+    import shutil
+
+    from knowloc.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(localized, out)
+    assert main(["-q", "consistency", "--run", str(out), "--population", "all"]) == 0
+    return out
+
+
+def cli_error(capsys, argv) -> str:
+    """Run the CLI expecting a user error: exit 2, no traceback, exactly one
+    ``knowloc: error:`` line and it is the last one. Returns that line."""
+    from knowloc.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("knowloc: error:")]
+    assert len(errors) == 1 and err.splitlines()[-1] == errors[0]
+    return errors[0]

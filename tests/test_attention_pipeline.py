@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import cli_error
 
 from knowloc.cli import main
 
@@ -22,14 +23,6 @@ def analyzed(localized, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture()
-def run(localized, tmp_path) -> Path:
-    out = tmp_path / "run"
-    shutil.copytree(localized, out)
-    assert main(["-q", "consistency", "--run", str(out), "--population", "all"]) == 0
-    return out
-
-
 def _model(run: Path):
     from knowloc.models import load_model
 
@@ -37,14 +30,6 @@ def _model(run: Path):
     return load_model(cfg["model"]["name"])
 
 
-def _error(capsys, argv) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("knowloc: error:")]
-    assert len(errors) == 1 and err.splitlines()[-1] == errors[0]
-    return errors[0]
 
 
 # ------------------------------------------------------------------------ attention stage
@@ -291,22 +276,22 @@ def test_reproduce_no_attention(tiny_dir, facts_file, tmp_path):
 
 # --------------------------------------------------------------------------- clean errors
 def test_attention_errors(localized, run, capsys, tmp_path):
-    assert "does not exist" in _error(capsys, ["attention", "--run", str(tmp_path / "nope")])
-    err = _error(capsys, ["attention", "--run", str(localized)])
+    assert "does not exist" in cli_error(capsys, ["attention", "--run", str(tmp_path / "nope")])
+    err = cli_error(capsys, ["attention", "--run", str(localized)])
     assert "no consistency results" in err and "knowloc consistency" in err
-    assert "method(s) xyz not in the run" in _error(capsys, ["attention", "--run", str(run),
+    assert "method(s) xyz not in the run" in cli_error(capsys, ["attention", "--run", str(run),
                                                              "--method", "xyz"])
-    assert "unknown --set bogus" in _error(capsys, ["modify", "--run", str(run), "--set",
+    assert "unknown --set bogus" in cli_error(capsys, ["modify", "--run", str(run), "--set",
                                                     "cas,bogus"])
-    assert "no consistency results" in _error(capsys, ["modify", "--run", str(localized),
+    assert "no consistency results" in cli_error(capsys, ["modify", "--run", str(localized),
                                                        "--set", "cas"])
 
 
 def test_heatmap_errors(tiny_dir, capsys, tmp_path):
     base = ["heatmap", "--model", str(tiny_dir), "--prompt", "people in spain speak",
             "--prompt", "in spain people speak", "--out", str(tmp_path / "h")]
-    assert "one --answer for all prompts or one per --prompt" in _error(
+    assert "one --answer for all prompts or one per --prompt" in cli_error(
         capsys, base + ["--answer", "spanish", "--answer", "x", "--answer", "y"])
-    assert "method" in _error(capsys, base + ["--answer", "spanish", "--method", "nope"])
-    assert "--neurons must be >= 1" in _error(capsys, base + ["--answer", "spanish",
+    assert "method" in cli_error(capsys, base + ["--answer", "spanish", "--method", "nope"])
+    assert "--neurons must be >= 1" in cli_error(capsys, base + ["--answer", "spanish",
                                                               "--neurons", "0"])

@@ -2,34 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pandas as pd
 import pytest
-from conftest import WIKITEXT
+from conftest import WIKITEXT, cli_error
 from tiny import CAPITAL_FACTS, LANGUAGE_FACTS, tiny_model
 
 from knowloc.cli import main
-
-
-@pytest.fixture()
-def run(localized, tmp_path) -> Path:
-    """A fresh copy of the run with consistency results."""
-    out = tmp_path / "run"
-    shutil.copytree(localized, out)
-    assert main(["-q", "consistency", "--run", str(out), "--population", "all"]) == 0
-    return out
-
-
-def _error(capsys, argv) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("knowloc: error:")]
-    assert len(errors) == 1 and err.splitlines()[-1] == errors[0]  # one line, the last
-    return errors[0]
 
 
 def test_modify_writes_table2_and_resumes(run, capsys):
@@ -152,25 +130,25 @@ def test_reproduce_adds_the_modification_sections(tiny_dir, facts_file, tmp_path
 
 # ------------------------------------------------------------------------ clean errors
 def test_missing_run_dir(capsys, tmp_path):
-    assert "does not exist" in _error(capsys, ["modify", "--run", str(tmp_path / "nope")])
-    assert "does not exist" in _error(capsys, ["intervene", "--run", str(tmp_path / "nope")])
+    assert "does not exist" in cli_error(capsys, ["modify", "--run", str(tmp_path / "nope")])
+    assert "does not exist" in cli_error(capsys, ["intervene", "--run", str(tmp_path / "nope")])
 
 
 def test_run_without_consistency(localized, capsys):
-    err = _error(capsys, ["modify", "--run", str(localized)])
+    err = cli_error(capsys, ["modify", "--run", str(localized)])
     assert "no consistency results" in err and "knowloc consistency" in err
-    assert "no consistency results" in _error(capsys, ["intervene", "--run", str(localized)])
+    assert "no consistency results" in cli_error(capsys, ["intervene", "--run", str(localized)])
 
 
 def test_unknown_op_and_set(run, capsys):
-    assert "unknown --op scramble" in _error(capsys, ["modify", "--run", str(run), "--op",
+    assert "unknown --op scramble" in cli_error(capsys, ["modify", "--run", str(run), "--op",
                                                       "scramble"])
-    assert "unknown --set everywhere" in _error(capsys, ["modify", "--run", str(run), "--set",
+    assert "unknown --set everywhere" in cli_error(capsys, ["modify", "--run", str(run), "--set",
                                                          "everywhere"])
 
 
 def test_missing_ppl_text(run, capsys, tmp_path):
-    err = _error(capsys, ["modify", "--run", str(run), "--ppl-text", str(tmp_path / "w.raw")])
+    err = cli_error(capsys, ["modify", "--run", str(run), "--ppl-text", str(tmp_path / "w.raw")])
     assert "does not exist" in err and "--ppl-text" in err
 
 
@@ -179,6 +157,6 @@ def test_wrong_model_for_the_run(run, capsys, tmp_path):
     m = tiny_model("gpt2")
     m.hf.save_pretrained(other)
     m.tokenizer.save_pretrained(other)
-    assert "is not the model of run" in _error(capsys, ["modify", "--run", str(run),
+    assert "is not the model of run" in cli_error(capsys, ["modify", "--run", str(run),
                                                         "--model", str(other)])
 
