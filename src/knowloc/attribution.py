@@ -370,25 +370,6 @@ def target_prob_grad(
     return p_out, g_out
 
 
-def target_prob(model: Model, hidden: torch.Tensor, target: int) -> torch.Tensor:
-    """[n] P(target) from final-normed hidden states [n, d_model], differentiable."""
-    return _TargetProb.apply(hidden, model, target)
-
-
-class _TargetProb(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, model, target):
-        p, g = target_prob_grad(model, hidden, target)
-        ctx.save_for_backward(g)
-        ctx.h_dtype = hidden.dtype
-        return p
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (g,) = ctx.saved_tensors
-        return (grad_out[:, None] * g).to(ctx.h_dtype), None, None
-
-
 def _plan_passes(n_layers: int, n_per_layer: int, batch: int) -> list[list[tuple[int, int]]]:
     """Split the points (layer, j) into passes of <= ``batch`` points, each sorted by layer.
 
@@ -537,7 +518,6 @@ __all__ = [
     "baselines",
     "normalize",
     "auto_batch_size",
-    "target_prob",
     "target_prob_grad",
     "work_dtype",
 ]
