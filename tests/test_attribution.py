@@ -47,6 +47,49 @@ def test_fast_engine_equals_reference_in_float64(tiny, method):
     assert rel_err(fast.scores, ref) < 1e-12
 
 
+@pytest.mark.parametrize("batch", [3, 10_000])
+def test_sig_per_token_equals_reference_in_float64(batch):
+    """Several baselines share the alpha = 1 point (row 0 of the first pass); with a small
+    batch their other points are spread over many passes."""
+    import copy
+
+    from knowloc.models import wrap
+
+    tiny = tiny_model("gemma3")
+    m64 = wrap(copy.deepcopy(tiny.hf).double(), tiny.tokenizer, name="tiny-f64", check=False)
+    ref = reference_attribute(m64, PROMPT, ANSWER, "sig", n_steps=4, sig_mode="per_token")
+    fast = attribute(m64, (PROMPT, ANSWER), "sig", n_steps=4, sig_mode="per_token",
+                     internal_batch_size=batch, progress=False)
+    assert rel_err(fast.scores, ref) < 1e-12
+
+
+@pytest.mark.parametrize("block", [7, 8192])
+def test_fused_head_matches_autograd_softmax(monkeypatch, block):
+    """P(target), its gradient and the top token from the blocked online-softmax head equal
+    a dense float64 softmax differentiated by autograd (blocks of 7 rows split the vocab
+    into many blocks and a partial last one)."""
+    import copy
+
+    from knowloc import attribution as A
+    from knowloc.models import wrap
+
+    tiny = tiny_model("llama")
+    model = wrap(copy.deepcopy(tiny.hf).double(), tiny.tokenizer, name="tiny-f64", check=False)
+    monkeypatch.setattr(A, "HEAD_BLOCK", block)
+    W = model.unembedding().weight
+    torch.manual_seed(1)
+    hidden = torch.randn(5, W.shape[1], dtype=torch.float64) * 3
+    hidden[3] = W[11] * 50  # row 3: token 11 dominates, p close to 1
+    for target in (0, 11, W.shape[0] - 1):
+        p, g, top = A.target_prob_grad(model, hidden, target, max_rows=2, argmax_row=3)
+        h = hidden.clone().requires_grad_(True)
+        ref_p = torch.softmax(h @ W.t(), -1)[:, target]
+        (ref_g,) = torch.autograd.grad(ref_p.sum(), h)
+        assert torch.allclose(p, ref_p.detach(), rtol=1e-12, atol=1e-300)
+        assert rel_err(g, ref_g) < 1e-10
+        assert top == int((hidden[3] @ W.t()).argmax()) == 11
+
+
 def test_soft_capped_logits_match_reference():
     """Gemma 2 style final-logit soft-capping goes through the fused head's chain rule."""
     model = tiny_model("gemma3")

@@ -27,6 +27,10 @@ patching the last position leaves the prompt prefix unchanged:
   pass the batch grows layer by layer ("staircase"): a point patched at layer l joins the
   batch at layer l, as a copy of the unpatched run, so no layer computes a row whose value
   is already known;
+* row 0 of that batch is the unpatched run itself: it gives the activations the points are
+  built from, P(target) and the top token, and -- since scaling by alpha = 1 changes nothing
+  -- the gradients of the alpha = 1 points of every layer from one row (a zero leaf added
+  to its activation at each layer), so no separate clean run and 1/m fewer rows;
 * the output head is fused: P(target) and its gradient w.r.t. the final hidden state come
   from two matrix products with the unembedding (no autograd over the [vocab] softmax);
 * weights are frozen; gradients are taken only w.r.t. the patched activations.
@@ -230,15 +234,18 @@ def head_rows(model: Model, memory_budget_gb: float) -> int:
 
 def _grow(n_new: int):
     """Forward pre-hook (with kwargs) on a decoder layer: append ``n_new`` copies of row 0
-    (the unpatched run) to the layer's hidden-state input."""
+    (the unpatched run) to the layer's hidden-state input, detached from row 0's graph."""
+
+    def grow(h):
+        # detached: a new row starts as a copy of the unpatched run, and its gradient must not
+        # flow back into row 0 (which carries the alpha = 1 points, see _attribute_one)
+        return torch.cat([h, h[:1].detach().expand(n_new, *h.shape[1:])])
 
     def pre(module, args, kwargs):
         if args:
-            h = args[0]
-            return (torch.cat([h, h[:1].expand(n_new, *h.shape[1:])]),) + tuple(args[1:]), kwargs
-        h = kwargs["hidden_states"]
+            return (grow(args[0]),) + tuple(args[1:]), kwargs
         kwargs = dict(kwargs)
-        kwargs["hidden_states"] = torch.cat([h, h[:1].expand(n_new, *h.shape[1:])])
+        kwargs["hidden_states"] = grow(kwargs["hidden_states"])
         return args, kwargs
 
     return pre
@@ -305,8 +312,12 @@ HEAD_BLOCK = 8192  # vocabulary rows per block of the fused head
 
 @torch.no_grad()
 def target_prob_grad(
-    model: Model, hidden: torch.Tensor, target: int, max_rows: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    model: Model,
+    hidden: torch.Tensor,
+    target: int,
+    max_rows: int | None = None,
+    argmax_row: int | None = None,
+) -> tuple[torch.Tensor, ...]:
     """P(target) and its gradient w.r.t. final-normed hidden states ``hidden`` [n, d_model].
 
     With z = E h (+ bias, then soft-capping z -> c tanh(z/c) where the model has it) and
@@ -316,7 +327,8 @@ def target_prob_grad(
     and multiplied back into E while they are still in cache, so the [vocab, n] logits never
     exist in full and E is read once. The target is left out of the sum, which would
     otherwise cancel badly when p_t is close to 1. Rows go in blocks of ``max_rows``.
-    Returns ``(p_t [n], grad [n, d_model])`` in :func:`work_dtype`.
+    Returns ``(p_t [n], grad [n, d_model])`` in :func:`work_dtype`; with ``argmax_row`` also
+    the most likely token of that row (the first one on ties, like ``torch.argmax``).
     """
     head = model.unembedding()
     W = head.weight  # [V, d]
@@ -330,6 +342,7 @@ def target_prob_grad(
     p_out = torch.empty(n, device=dev, dtype=work)
     g_out = torch.empty(n, d, device=dev, dtype=work)
     w_t = W[target].to(work)
+    best = (-torch.inf, -1)  # (logit, token) of argmax_row
     for i in range(0, n, max_rows):
         h = hidden[i : i + max_rows].to(W.dtype)
         r = h.shape[0]
@@ -350,11 +363,17 @@ def target_prob_grad(
             if s <= target < s + HEAD_BLOCK:  # the target's logit from the same product
                 y_t = z[target - s].clone()
                 s_t = slope[target - s].clone() if slope is not None else 1.0
+            if argmax_row is not None and i <= argmax_row < i + r:
+                top, idx = z[:, argmax_row - i].max(0)
+                if float(top) > best[0]:  # strictly: an earlier block wins a tie
+                    best = (float(top), s + int(idx))
             new_max = torch.maximum(run_max, z.amax(0))
             rescale = torch.exp(run_max - new_max)
             z -= new_max
             z.exp_()
-            total.mul_(rescale.double()).add_(z.sum(0, dtype=torch.float64))
+            # the block's sum in the work dtype (a cascade sum: ~1e-7 relative), the running
+            # total across blocks in float64; z.sum(0, dtype=float64) would copy the block
+            total.mul_(rescale.double()).add_(z.sum(0).double())
             if s <= target < s + HEAD_BLOCK:
                 z[target - s] = 0
             if slope is not None:
@@ -367,6 +386,8 @@ def target_prob_grad(
         rest /= total[:, None]
         g_out[i : i + max_rows] = p_t[:, None] * (((1 - p_t) * s_t)[:, None] * w_t - rest)
         p_out[i : i + max_rows] = p_t
+    if argmax_row is not None:
+        return p_out, g_out, best[1]
     return p_out, g_out
 
 
@@ -375,10 +396,11 @@ def _plan_passes(n_layers: int, n_per_layer: int, batch: int) -> list[list[tuple
 
     Points are taken step-major (every layer's j-th point, then the (j+1)-th, ...), so a full
     pass holds the same number of points at every layer. The cost of a point does not depend
-    on which pass it is in (it is a batch row in layers l..L-1 either way).
+    on which pass it is in (it is a batch row in layers l..L-1 either way). A plan always has
+    at least one pass (possibly empty: row 0 alone still carries the alpha = 1 points).
     """
     points = [(layer, j) for j in range(n_per_layer) for layer in range(n_layers)]
-    return [sorted(points[i : i + batch]) for i in range(0, len(points), batch)]
+    return [sorted(points[i : i + batch]) for i in range(0, len(points), batch)] or [[]]
 
 
 def _attribute_one(
@@ -389,57 +411,70 @@ def _attribute_one(
     max_head_rows: int,
     bar: tqdm | None,
 ) -> Attribution:
+    """One query. Every pass is a staircase run on the cached prefix (:class:`_PrefixRunner`)
+    whose row 0 is the unpatched run; the point (l, alpha) is built inside the pass from row
+    0's own activation at layer l. The alpha = 1 points need no rows of their own: the
+    patched run is then the unpatched one, so in the first pass row 0 gets a zero-valued leaf
+    added to its activation at every layer, and one backward pass gives dP/da_l at alpha = 1
+    for all layers at once (and row 0's P(target) and top token are the clean prediction).
+    """
     L, D, m = model.n_layers, model.d_mlp, cfg.n_steps
     dev, work = model.device, work_dtype(model)
     runner = _PrefixRunner(model, q.ids)
-
-    # clean run: activations a, P(target), prediction
-    acts = torch.empty(L, D, device=dev, dtype=model.dtype)
-
-    def grab(layer, h):
-        acts[layer] = h[0, -1]
-        return h
-
-    with torch.no_grad():
-        h = runner.run([0] * L, grab)
-        clean_logits = model.unembedding()(h)[0].to(work)
-        cap = model.logit_softcap()
-        if cap:
-            clean_logits = torch.tanh(clean_logits / cap) * cap
-    probs = torch.softmax(clean_logits, -1)
-    prob = float(probs[q.target_id])
-    pred = int(probs.argmax())
-
-    base = baselines(model, q.ids, cfg)  # [B0, L, D]
+    base = baselines(model, q.ids, cfg).to(work)  # [B0, L, D]
     n_base = base.shape[0]
-    alphas = torch.arange(1, m + 1, device=dev, dtype=work) / m
+    alphas = torch.arange(1, m, device=dev, dtype=work) / m  # alpha_1..alpha_{m-1}; alpha_m = 1 is row 0
+    acts = torch.empty(L, D, device=dev, dtype=model.dtype)
     grad_sum = torch.zeros(n_base, L, D, device=dev, dtype=work)
-    for points in _plan_passes(L, n_base * m, batch_size):
-        layer_idx = torch.tensor([p[0] for p in points], device=dev)
-        base_idx = torch.tensor([p[1] // m for p in points], device=dev)
-        alpha = alphas[torch.tensor([p[1] % m for p in points], device=dev)]
-        b = base[base_idx, layer_idx].to(work)
-        a = acts[layer_idx].to(work)
-        x = (b + alpha[:, None] * (a - b)).to(model.dtype).requires_grad_(True)
-        counts = torch.bincount(layer_idx, minlength=L).tolist()
-        ends = torch.tensor(counts).cumsum(0).tolist()
+    prob = pred = None
+    for n_pass, points in enumerate(_plan_passes(L, n_base * (m - 1), batch_size)):
+        first = n_pass == 0
+        counts = [0] * L
+        for layer, _ in points:
+            counts[layer] += 1
+        idx = [[j for layer, j in points if layer == k] for k in range(L)]  # point ids per layer
+        leaves: dict[int, torch.Tensor] = {}  # layer -> [c, D] patched activations (new rows)
+        zeros: dict[int, torch.Tensor] = {}  # layer -> [D] zero leaf on row 0 (first pass)
 
-        def patch(layer, h, x=x, counts=counts, ends=ends):
+        def patch(layer, h, counts=counts, idx=idx, leaves=leaves, zeros=zeros, first=first):
+            a = h[0, -1].detach()  # the unpatched activation at this layer (row 0)
+            if first:
+                acts[layer] = a
             c = counts[layer]
+            keep = h[: h.shape[0] - c]
+            if first:
+                z = torch.zeros_like(a, requires_grad=True)
+                zeros[layer] = z
+                keep = torch.cat([keep[:1] + z, keep[1:]])
             if not c:
-                return h
-            new = x[ends[layer] - c : ends[layer], None, :]
-            return torch.cat([h[: h.shape[0] - c], new])
+                return keep
+            j = torch.tensor(idx[layer], device=dev)
+            b = base[j // (m - 1), layer]
+            x = (b + alphas[j % (m - 1), None] * (a.to(work) - b)).to(model.dtype).requires_grad_(True)
+            leaves[layer] = x
+            return torch.cat([keep, x[:, None, :]])
 
         with torch.enable_grad():
-            hidden = runner.run(counts, patch)[1:]
-            _, g_hidden = target_prob_grad(model, hidden.detach(), q.target_id, max_head_rows)
-            (g,) = torch.autograd.grad(hidden, x, grad_outputs=g_hidden.to(hidden.dtype))
-        grad_sum.index_put_((base_idx, layer_idx), g.to(work), accumulate=True)
+            hidden = runner.run(counts, patch)  # [1 + len(points), d_model]
+            if first:
+                p_t, g_hidden, pred = target_prob_grad(
+                    model, hidden.detach(), q.target_id, max_head_rows, argmax_row=0
+                )
+                prob = float(p_t[0])
+            else:  # row 0 carries no leaves here: leave it out of the head
+                _, g_rest = target_prob_grad(model, hidden[1:].detach(), q.target_id, max_head_rows)
+                g_hidden = torch.cat([torch.zeros_like(g_rest[:1]), g_rest])
+            inputs = list(leaves.values()) + list(zeros.values())
+            grads = torch.autograd.grad(hidden, inputs, grad_outputs=g_hidden.to(hidden.dtype))
+        for layer, g in zip(leaves, grads[: len(leaves)]):
+            j = torch.tensor(idx[layer], device=dev)
+            grad_sum[:, layer].index_add_(0, j // (m - 1), g.to(work))
+        for layer, g in zip(zeros, grads[len(leaves) :]):
+            grad_sum[:, layer] += g.to(work)  # alpha = 1: the same point for every baseline
         if bar is not None:
-            bar.update(len(points))
+            bar.update(len(points) + (L * n_base if first else 0))
 
-    diff = acts.to(work)[None] - base.to(work)  # [B0, L, D]
+    diff = acts.to(work)[None] - base  # [B0, L, D]
     scores = (diff * grad_sum / m).sum(0)
     scores = normalize(scores, cfg.method)
     return Attribution(
