@@ -10,11 +10,17 @@ One ParaRel-style query, IG with 20 steps over all layers, measured side by side
 
 * ``knowloc``  -- ``knowloc.attribute(model, query, "ig")`` with its defaults (cached prefix,
   last token only, layers x steps batched in memory-budgeted chunks, fused target head);
-* ``loop``     -- the per-layer full-sequence loop that existing tools run, written here as a
-  fair, reasonably efficient version: for each layer one batch of all steps (the prompt
-  repeated ``steps`` times), a forward pre-hook on the down projection that swaps in the
-  scaled activation at the last position, logits only at the last position, P(target) by
-  softmax, ``torch.autograd.grad`` w.r.t. the scaled activations, weights frozen;
+* ``loop``     -- the per-layer full-sequence loop that existing tools run: for each layer one
+  batch of all steps (the prompt repeated ``steps`` times), a forward pre-hook on the down
+  projection that swaps in the scaled activation at the last position, the model called as
+  a Hugging Face causal LM with logits only at the last position (``logits_to_keep=1``),
+  P(target) by softmax, ``torch.autograd.grad`` w.r.t. the scaled activations, weights
+  frozen;
+* ``loop-tuned`` -- the same loop made faster than existing tools make it, as a stricter
+  control: the base model without its head, then the head on the contiguous last hidden
+  state. On CPU, ``logits_to_keep=1`` hands the head a strided [steps, 1, d] slice, which
+  PyTorch runs as a batched matrix-vector product against a broadcast [steps, d, vocab]
+  weight (``aten::bmm``): ~270 ms per layer on GPT-2 instead of ~25 ms for one GEMM;
 * ``knowledge-neurons`` -- EleutherAI's ``knowledge-neurons==0.0.2`` (optional). It is not
   installed into the environment: install it beside it with
   ``pip install --no-deps --target /tmp/kn_site knowledge-neurons==0.0.2`` (``--kn-site``).
@@ -33,7 +39,9 @@ warm-up run, then the median of ``--repeats`` timed runs. Memory: ``ru_maxrss`` 
 worker (its peak RSS, model loading included) and its RSS right after loading the model, so
 that peak - model is what the attribution itself needed (a lower bound when loading peaked
 higher than attribution; the load peak is recorded too). The parent checks that knowloc and
-the loop agree (max |a - b| / max |b| over the [layers, d_mlp] map < 1e-4).
+both loops agree (max |a - b| / max |b| over the [layers, d_mlp] map < 1e-4). The line per
+model ends in ``ratio <N>x``: the loop's time over knowloc's; the tuned loop's ratio is on
+the same line.
 
 This is a benchmark, not a test: nothing here asserts a speed.
 """
@@ -61,12 +69,14 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("gemma3-270m", "gpt2-small-random")
-ENGINES = ("knowloc", "loop", "knowledge-neurons")
+ENGINES = ("knowloc", "loop", "loop-tuned", "knowledge-neurons")
 ENGINE_LABELS = {
     "knowloc": "knowloc",
     "loop": "per-layer loop",
+    "loop-tuned": "per-layer loop, tuned",
     "knowledge-neurons": "knowledge-neurons 0.0.2",
 }
+LOOPS = ("loop", "loop-tuned")  # checked against knowloc (same scores)
 QUERIES = {  # model -> (prompt, answer)
     "gemma3-270m": ("The official language of Brazil is", "Portuguese"),
     "gpt2-small-random": ("the official language of brazil is", "portuguese"),
@@ -126,12 +136,14 @@ def build_model(name: str) -> Any:
 
 
 # ------------------------------------------------------------------ baseline: per-layer loop
-def loop_attribute(model: Any, prompt: str, answer: str, n_steps: int) -> Any:
+def loop_attribute(model: Any, prompt: str, answer: str, n_steps: int, tuned: bool = False) -> Any:
     """IG scores [n_layers, d_mlp] by the one-layer-at-a-time full-sequence loop.
 
     Same quantity as ``knowloc.attribute(..., "ig")``: Attr(l, p) = a_lp * (1/m) *
     sum_{k=1..m} dP(alpha_k a_l)/da_lp, alpha_k = k/m, P the softmax probability of the
-    target at the last position.
+    target at the last position. ``tuned=False`` calls the model as existing tools do (the
+    causal LM with ``logits_to_keep=1``); ``tuned=True`` runs the base model and the head on
+    the contiguous last hidden state instead (same numbers, a faster head on CPU).
     """
     import torch
 
@@ -154,13 +166,16 @@ def loop_attribute(model: Any, prompt: str, answer: str, n_steps: int) -> Any:
         handle = model.down_proj(layer).register_forward_pre_hook(patch)
         try:
             with torch.enable_grad():
-                out = base(input_ids=batch, use_cache=False)
-                hidden = out.last_hidden_state[:, -1].contiguous()
-                logits = head(hidden)
+                if tuned:
+                    out = base(input_ids=batch, use_cache=False)
+                    hidden = out.last_hidden_state[:, -1].contiguous()
+                    logits = head(hidden)
+                    if cap:
+                        logits = torch.tanh(logits / cap) * cap
+                else:  # the causal LM applies its own soft-cap, if any
+                    logits = model.hf(input_ids=batch, use_cache=False, logits_to_keep=1).logits[:, -1]
                 if logits.dtype in (torch.float16, torch.bfloat16):
                     logits = logits.float()
-                if cap:
-                    logits = torch.tanh(logits / cap) * cap
                 # softmax probability of the target, as exp(logit_t - logsumexp): in float32,
                 # torch.softmax over Gemma's 262k vocab then [:, t] is ~7e-5 (relative) off the
                 # float64 result at p_t ~ 0.9, this form ~2e-6
@@ -253,10 +268,10 @@ def worker(
 
         def run() -> Any:
             return attribute(model, (prompt, answer), "ig", n_steps=n_steps, progress=False).scores
-    elif engine == "loop":
+    elif engine in LOOPS:
 
         def run() -> Any:
-            return loop_attribute(model, prompt, answer, n_steps)
+            return loop_attribute(model, prompt, answer, n_steps, tuned=engine == "loop-tuned")
     elif engine == "knowledge-neurons":
         run = knowledge_neurons_runner(model, prompt, answer, n_steps, kn_site)
     else:
@@ -416,33 +431,40 @@ def report(
         "trustworthy near 0%); peak: ru_maxrss of the worker; model: its RSS after loading"
     )
     print()
-    for model, diff in agreement.items():
+    for key, diff in agreement.items():
+        model, engine = key.split("/")
+        label = ENGINE_LABELS[engine]
         if diff is None:
-            print(f"{model}: agreement knowloc vs per-layer loop: not checked (a run failed)")
+            print(f"{model}: agreement knowloc vs {label}: not checked (a run failed)")
         else:
             verdict = "OK" if diff < AGREEMENT_TOL else "MISMATCH"
             print(
-                f"{model}: agreement knowloc vs per-layer loop: max rel diff {diff:.2e} "
+                f"{model}: agreement knowloc vs {label}: max rel diff {diff:.2e} "
                 f"(tol {AGREEMENT_TOL:.0e}) {verdict}"
             )
     print()
     by = {(r.model, r.engine): r for r in results}
     for model in dict.fromkeys(r.model for r in results):
-        ours, loop, kn = (
+        ours, loop, tuned, kn = (
             by.get((model, "knowloc")),
             by.get((model, "loop")),
+            by.get((model, "loop-tuned")),
             by.get((model, "knowledge-neurons")),
         )
+        ours_ok = ours is not None and ours.ok
         parts = []
-        for r in (ours, loop):
-            if r is not None:
-                label = ENGINE_LABELS[r.engine]
-                parts.append(
-                    f"{label} {fmt_s(r.seconds)} s/query (peak {r.peak_gib:.1f} GiB)"
-                    if r.ok
-                    else f"{label} not run ({r.reason})"
-                )
-        if ours is not None and loop is not None and ours.ok and loop.ok:
+        for r in (ours, tuned, loop):
+            if r is None:
+                continue
+            label = ENGINE_LABELS[r.engine]
+            if not r.ok:
+                parts.append(f"{label} not run ({r.reason})")
+                continue
+            part = f"{label} {fmt_s(r.seconds)} s/query (peak {r.peak_gib:.1f} GiB)"
+            if r is tuned and ours_ok:
+                part += f", {r.seconds / ours.seconds:.1f}x knowloc"
+            parts.append(part)
+        if ours_ok and loop is not None and loop.ok:  # the issue's measure: vs the loop tools run
             parts.append(f"ratio {loop.seconds / ours.seconds:.1f}x")
         print(f"{model}: " + " | ".join(parts))
         if kn is not None:
@@ -523,17 +545,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         for model in args.models:
             paths: dict[str, Path] = {}
             for engine in args.engines:
-                out = Path(tmp) / f"{model}-{engine}.npy" if engine in ("knowloc", "loop") else None
+                out = Path(tmp) / f"{model}-{engine}.npy" if engine in ("knowloc", *LOOPS) else None
                 res = run_worker(model, engine, args, out)
                 results.append(res)
                 if res.ok and out is not None:
                     paths[engine] = out
-            if "knowloc" in args.engines and "loop" in args.engines:
-                agreement[model] = (
-                    max_relative_diff(np.load(paths["knowloc"]), np.load(paths["loop"]))
-                    if len(paths) == 2
-                    else None
-                )
+            for loop in LOOPS:
+                if "knowloc" in args.engines and loop in args.engines:
+                    agreement[f"{model}/{loop}"] = (
+                        max_relative_diff(np.load(paths["knowloc"]), np.load(paths[loop]))
+                        if "knowloc" in paths and loop in paths
+                        else None
+                    )
     report(results, agreement, args)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
