@@ -39,9 +39,9 @@ warm-up run, then the median of ``--repeats`` timed runs. Memory: ``ru_maxrss`` 
 worker (its peak RSS, model loading included) and its RSS right after loading the model, so
 that peak - model is what the attribution itself needed (a lower bound when loading peaked
 higher than attribution; the load peak is recorded too). The parent checks that knowloc and
-both loops agree (max |a - b| / max |b| over the [layers, d_mlp] map < 1e-4). The line per
-model ends in ``ratio <N>x``: the loop's time over knowloc's; the tuned loop's ratio is on
-the same line.
+both loops agree (max |a - b| / max |b| over the [layers, d_mlp] map, below
+``AGREEMENT_TOL``). The line per model ends in ``ratio <N>x``, the loop's time over
+knowloc's; the tuned loop's ratio is on the same line.
 
 This is a benchmark, not a test: nothing here asserts a speed.
 """
@@ -81,7 +81,11 @@ QUERIES = {  # model -> (prompt, answer)
     "gemma3-270m": ("The official language of Brazil is", "Portuguese"),
     "gpt2-small-random": ("the official language of brazil is", "portuguese"),
 }
-AGREEMENT_TOL = 1e-4
+# max relative difference allowed between knowloc's map and a loop's. The loop as tools call
+# it is looser: its head backward is a float32 batched matrix-vector product summing over the
+# whole vocabulary, measured 1.15e-4 off the float64 truth on Gemma (knowloc 3.0e-6, the tuned
+# loop 2.0e-6), so the two float32 maps differ by ~1.2e-4 there.
+AGREEMENT_TOL = {"loop": 1e-3, "loop-tuned": 1e-4}
 DEFAULT_KN_SITE = Path("/tmp/kn_site")
 GIB = 2**30
 
@@ -437,10 +441,11 @@ def report(
         if diff is None:
             print(f"{model}: agreement knowloc vs {label}: not checked (a run failed)")
         else:
-            verdict = "OK" if diff < AGREEMENT_TOL else "MISMATCH"
+            tol = AGREEMENT_TOL[engine]
+            verdict = "OK" if diff < tol else "MISMATCH"
             print(
                 f"{model}: agreement knowloc vs {label}: max rel diff {diff:.2e} "
-                f"(tol {AGREEMENT_TOL:.0e}) {verdict}"
+                f"(tol {tol:.0e}) {verdict}"
             )
     print()
     by = {(r.model, r.engine): r for r in results}
