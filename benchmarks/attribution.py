@@ -34,8 +34,11 @@ with random weights (``GPT2Config()`` defaults: 12 layers, d_model 768, vocab 50
 queried through the word-level tokenizer of ``tests/tiny.py`` (its ids fit GPT-2's vocab;
 any tokenizer does for timing).
 
-Every (model, engine) pair runs in its own subprocess (``--worker MODEL ENGINE``): one
-warm-up run, then the median of ``--repeats`` timed runs. Memory: ``ru_maxrss`` of the
+Every (model, engine) pair runs in its own subprocess (``--worker MODEL ENGINE``), which loads
+the model and makes one warm-up run. The timed runs are interleaved: in each of ``--repeats``
+rounds every engine runs once (rotating the order), the others idle meanwhile, so that all
+engines see the same drift of this machine's speed (it drifts by +-20% over minutes here).
+Times are medians over rounds; a ratio is the median over rounds of the paired ratio. Memory: ``ru_maxrss`` of the
 worker (its peak RSS, model loading included) and its RSS right after loading the model, so
 that peak - model is what the attribution itself needed (a lower bound when loading peaked
 higher than attribution; the load peak is recorded too). The parent checks that knowloc and
@@ -54,6 +57,7 @@ import json
 import os
 import platform
 import resource
+import select
 import statistics
 import subprocess
 import sys
@@ -255,68 +259,65 @@ def knowledge_neurons_runner(
 
 
 # ----------------------------------------------------------------------------- worker
-def worker(
-    model_name: str, engine: str, repeats: int, n_steps: int, scores_out: Path | None, kn_site: Path
-) -> dict[str, Any]:
-    import torch
-
+def make_runner(model: Any, model_name: str, engine: str, n_steps: int, kn_site: Path) -> Callable[[], Any]:
+    """A closure computing one query's [n_layers, d_mlp] map with ``engine``."""
     from knowloc import attribute
 
-    model = build_model(model_name)
-    rss_model = current_rss_bytes()
-    peak_after_load = peak_rss_bytes()
     prompt, answer = QUERIES[model_name]
-
-    run: Callable[[], Any]
     if engine == "knowloc":
+        return lambda: attribute(model, (prompt, answer), "ig", n_steps=n_steps, progress=False).scores
+    if engine in LOOPS:
+        return lambda: loop_attribute(model, prompt, answer, n_steps, tuned=engine == "loop-tuned")
+    if engine == "knowledge-neurons":
+        return knowledge_neurons_runner(model, prompt, answer, n_steps, kn_site)
+    raise SystemExit(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
 
-        def run() -> Any:
-            return attribute(model, (prompt, answer), "ig", n_steps=n_steps, progress=False).scores
-    elif engine in LOOPS:
 
-        def run() -> Any:
-            return loop_attribute(model, prompt, answer, n_steps, tuned=engine == "loop-tuned")
-    elif engine == "knowledge-neurons":
-        run = knowledge_neurons_runner(model, prompt, answer, n_steps, kn_site)
-    else:
-        raise SystemExit(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+def _emit(rec: dict[str, Any]) -> None:
+    print(json.dumps(rec), flush=True)
 
-    scores = run()  # warm-up
-    times: list[float] = []
-    cpu_times: list[float] = []
-    busy0, c_all0, t_all0 = system_busy_seconds(), time.process_time(), time.perf_counter()
-    for _ in range(repeats):
+
+def serve(model_name: str, engine: str, n_steps: int, scores_out: Path | None, kn_site: Path) -> None:
+    """Worker process: load the model, warm up, then time one run per ``run`` line read from
+    stdin (one JSON line each) until ``done``, which saves the scores and reports memory."""
+    import torch
+
+    try:
+        model = build_model(model_name)
+        rss_model, peak_after_load = current_rss_bytes(), peak_rss_bytes()
+        run = make_runner(model, model_name, engine, n_steps, kn_site)
+        scores = run()  # warm-up
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, not raised
+        _emit({"status": "failed", "reason": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]})
+        return
+    _emit({"status": "ready"})
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
         gc.collect()
-        c0, t0 = time.process_time(), time.perf_counter()
+        busy0, c0, t0 = system_busy_seconds(), time.process_time(), time.perf_counter()
         scores = run()
-        times.append(time.perf_counter() - t0)
-        cpu_times.append(time.process_time() - c0)
-    busy1, c_all1, t_all1 = system_busy_seconds(), time.process_time(), time.perf_counter()
-    # share of the machine's CPU capacity used by *other* processes while timing
-    contention = None
-    if busy0 is not None and busy1 is not None:
-        other = (busy1 - busy0) - (c_all1 - c_all0)
-        contention = max(0.0, other) / ((t_all1 - t_all0) * (os.cpu_count() or 1))
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        busy1 = system_busy_seconds()
+        other = None  # share of the machine's CPU used by *other* processes meanwhile
+        if busy0 is not None and busy1 is not None:
+            other = max(0.0, (busy1 - busy0) - cpu) / (wall * (os.cpu_count() or 1))
+        _emit({"seconds": wall, "cpu_seconds": cpu, "other_cpu_load": other})
     if scores_out is not None:
         np.save(scores_out, scores.detach().float().cpu().numpy())
-    return {
-        "model": model_name,
-        "engine": engine,
-        "status": "ok",
-        "seconds": statistics.median(times),
-        "times": times,
-        "cpu_seconds": statistics.median(cpu_times),
-        "cpu_times": cpu_times,
-        "other_cpu_load": contention,
-        "peak_rss_bytes": peak_rss_bytes(),
-        "model_rss_bytes": rss_model,
-        "load_peak_rss_bytes": peak_after_load,
-        "n_layers": model.n_layers,
-        "d_mlp": model.d_mlp,
-        "seq_len": len(model.encode_prompt(prompt)),
-        "n_steps": n_steps,
-        "torch_threads": torch.get_num_threads(),
-    }
+    _emit(
+        {
+            "status": "ok",
+            "peak_rss_bytes": peak_rss_bytes(),
+            "model_rss_bytes": rss_model,
+            "load_peak_rss_bytes": peak_after_load,
+            "n_layers": model.n_layers,
+            "d_mlp": model.d_mlp,
+            "seq_len": len(model.encode_prompt(QUERIES[model_name][0])),
+            "n_steps": n_steps,
+            "torch_threads": torch.get_num_threads(),
+        }
+    )
 
 
 # ----------------------------------------------------------------------------- parent
@@ -346,58 +347,117 @@ class Result:
         return self.status == "ok"
 
 
-def run_worker(
-    model: str, engine: str, args: argparse.Namespace, scores_out: Path | None
-) -> Result:
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--worker",
-        model,
-        engine,
-        "--repeats",
-        str(args.repeats),
-        "--steps",
-        str(args.steps),
-        "--kn-site",
-        str(args.kn_site),
-    ]
-    if scores_out is not None:
-        cmd += ["--scores-out", str(scores_out)]
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    print(f"  running {model} / {engine} ...", file=sys.stderr, flush=True)
-    try:
-        proc = subprocess.run(
-            cmd, check=False, capture_output=True, text=True, env=env, timeout=args.timeout
-        )
-    except subprocess.TimeoutExpired:
-        return Result(model, engine, "failed", reason=f"timed out after {args.timeout} s")
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("{"):
-            rec = json.loads(line)
-            keys = {
-                "model",
-                "engine",
-                "status",
-                "reason",
-                "seconds",
-                "times",
-                "peak_rss_bytes",
-                "model_rss_bytes",
-                "load_peak_rss_bytes",
-            }
-            return Result(
-                **{k: v for k, v in rec.items() if k in keys},
-                extra={k: v for k, v in rec.items() if k not in keys},
-            )
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return Result(model, engine, "failed", reason=f"worker exit {proc.returncode}: {tail}")
+class Worker:
+    """One (model, engine) worker process, driven line by line."""
+
+    def __init__(self, model: str, engine: str, args: argparse.Namespace, scores_out: Path | None):
+        self.model, self.engine, self.timeout = model, engine, args.timeout
+        self.result = Result(model, engine, "running")
+        self.cpu_times: list[float] = []
+        self.loads: list[float] = []
+        cmd = [
+            sys.executable, str(Path(__file__).resolve()), "--worker", model, engine,
+            "--steps", str(args.steps), "--kn-site", str(args.kn_site),
+        ]  # fmt: skip
+        if scores_out is not None:
+            cmd += ["--scores-out", str(scores_out)]
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+        print(f"  loading {model} / {engine} ...", file=sys.stderr, flush=True)
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            text=True, env=env,
+        )  # fmt: skip
+        rec = self._read()
+        if rec is not None and rec.get("status") != "ready":
+            self._fail(rec.get("reason", "worker failed"))
+
+    @property
+    def alive(self) -> bool:
+        return self.result.status == "running"
+
+    def _fail(self, reason: str) -> None:
+        self.result.status, self.result.reason = "failed", reason
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def _read(self) -> dict[str, Any] | None:
+        """The worker's next JSON line (other output is skipped), or None after failing it."""
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
+                self._fail(f"timed out after {self.timeout} s")
+                return None
+            line = self.proc.stdout.readline()
+            if not line:
+                self._fail(f"worker exited ({self.proc.wait()})")
+                return None
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def _send(self, line: str) -> bool:
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            self._fail("worker exited")
+            return False
+        return True
+
+    def time_once(self) -> None:
+        if self.alive and self._send("run"):
+            rec = self._read()
+            if rec is not None:
+                self.result.times.append(rec["seconds"])
+                self.cpu_times.append(rec["cpu_seconds"])
+                if rec["other_cpu_load"] is not None:
+                    self.loads.append(rec["other_cpu_load"])
+
+    def finish(self) -> Result:
+        if self.alive and self._send("done"):
+            rec = self._read()
+            if rec is not None:
+                keys = {"peak_rss_bytes", "model_rss_bytes", "load_peak_rss_bytes"}
+                for k in keys:
+                    setattr(self.result, k, rec.get(k))
+                self.result.status = "ok"
+                self.result.seconds = statistics.median(self.result.times)
+                self.result.extra = {k: v for k, v in rec.items() if k not in keys | {"status"}}
+                self.result.extra["cpu_seconds"] = statistics.median(self.cpu_times)
+                self.result.extra["cpu_times"] = self.cpu_times
+                self.result.extra["other_cpu_load"] = max(self.loads) if self.loads else None
+                self.proc.wait()
+        return self.result
+
+
+def measure(model: str, args: argparse.Namespace, tmp: Path) -> tuple[list[Result], dict[str, Path]]:
+    """All engines of one model, timed in interleaved rounds: every round runs each engine
+    once (in a rotating order), so that all engines see the same drift of the machine's
+    speed. The workers load one after another and wait, idle, while another one runs."""
+    paths = {e: tmp / f"{model}-{e}.npy" for e in args.engines if e in ("knowloc", *LOOPS)}
+    workers = [Worker(model, e, args, paths.get(e)) for e in args.engines]
+    for r in range(args.repeats):
+        print(f"  {model}: round {r + 1}/{args.repeats}", file=sys.stderr, flush=True)
+        order = workers[r % len(workers) :] + workers[: r % len(workers)]
+        for w in order:
+            w.time_once()
+    results = [w.finish() for w in workers]
+    ok = {r.engine for r in results if r.ok}
+    return results, {e: path for e, path in paths.items() if e in ok}
 
 
 def max_relative_diff(a: np.ndarray, b: np.ndarray) -> float:
     """max |a - b| / max |b| over the whole map (elementwise ratios blow up near zero)."""
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     return float(np.abs(a64 - b64).max() / max(np.abs(b64).max(), np.finfo(np.float64).tiny))
+
+
+def paired_ratio(slow: Result, fast: Result) -> float:
+    """Median over rounds of slow/fast (the same round: the same state of the machine)."""
+    return statistics.median(a / b for a, b in zip(slow.times, fast.times))
 
 
 def fmt_s(x: float | None) -> str:
@@ -467,17 +527,17 @@ def report(
                 continue
             part = f"{label} {fmt_s(r.seconds)} s/query (peak {r.peak_gib:.1f} GiB)"
             if r is tuned and ours_ok:
-                part += f", {r.seconds / ours.seconds:.1f}x knowloc"
+                part += f", {paired_ratio(r, ours):.1f}x knowloc"
             parts.append(part)
         if ours_ok and loop is not None and loop.ok:  # the issue's measure: vs the loop tools run
-            parts.append(f"ratio {loop.seconds / ours.seconds:.1f}x")
+            parts.append(f"ratio {paired_ratio(loop, ours):.1f}x")
         print(f"{model}: " + " | ".join(parts))
         if kn is not None:
             if kn.ok and ours is not None and ours.ok:
                 print(
                     f"{model}: knowledge-neurons {fmt_s(kn.seconds)} s/query (peak "
                     f"{kn.peak_gib:.1f} GiB; scores not comparable: hooks the up-projection "
-                    f"output) | ratio {kn.seconds / ours.seconds:.1f}x"
+                    f"output) | ratio {paired_ratio(kn, ours):.1f}x"
                 )
             elif kn.ok:
                 print(
@@ -531,16 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         model, engine = args.worker
-        try:
-            rec = worker(model, engine, args.repeats, args.steps, args.scores_out, args.kn_site)
-        except Exception as exc:  # noqa: BLE001 - reported to the parent, not raised
-            rec = {
-                "model": model,
-                "engine": engine,
-                "status": "failed",
-                "reason": f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
-            }
-        print(json.dumps(rec), flush=True)
+        serve(model, engine, args.steps, args.scores_out, args.kn_site)
         return 0
 
     fingerprint = source_fingerprint()  # of the engine source as the workers start
@@ -548,13 +599,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     agreement: dict[str, float | None] = {}
     with tempfile.TemporaryDirectory(prefix="knowloc-bench-") as tmp:
         for model in args.models:
-            paths: dict[str, Path] = {}
-            for engine in args.engines:
-                out = Path(tmp) / f"{model}-{engine}.npy" if engine in ("knowloc", *LOOPS) else None
-                res = run_worker(model, engine, args, out)
-                results.append(res)
-                if res.ok and out is not None:
-                    paths[engine] = out
+            res, paths = measure(model, args, Path(tmp))
+            results += res
             for loop in LOOPS:
                 if "knowloc" in args.engines and loop in args.engines:
                     agreement[f"{model}/{loop}"] = (
