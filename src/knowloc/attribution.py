@@ -344,7 +344,9 @@ def target_prob_grad(
     p_out = torch.empty(n, device=dev, dtype=work)
     g_out = torch.empty(n, d, device=dev, dtype=work)
     w_t = W[target].to(work)
-    best = (-torch.inf, -1)  # (logit, token) of argmax_row
+    # (logit, token) of argmax_row, kept on the device: no host sync per block
+    best_z = torch.tensor(-torch.inf, device=dev, dtype=work)
+    best_t = torch.tensor(-1, device=dev)
     for i in range(0, n, max_rows):
         h = hidden[i : i + max_rows].to(W.dtype)
         r = h.shape[0]
@@ -367,8 +369,9 @@ def target_prob_grad(
                 s_t = slope[target - s].clone() if slope is not None else 1.0
             if argmax_row is not None and i <= argmax_row < i + r:
                 top, idx = z[:, argmax_row - i].max(0)
-                if float(top) > best[0]:  # strictly: an earlier block wins a tie
-                    best = (float(top), s + int(idx))
+                better = top > best_z  # strictly: an earlier block wins a tie
+                best_t = torch.where(better, idx + s, best_t)
+                best_z = torch.maximum(top, best_z)
             new_max = torch.maximum(run_max, z.amax(0))
             rescale = torch.exp(run_max - new_max)
             z -= new_max
@@ -389,7 +392,7 @@ def target_prob_grad(
         g_out[i : i + max_rows] = p_t[:, None] * (((1 - p_t) * s_t)[:, None] * w_t - rest)
         p_out[i : i + max_rows] = p_t
     if argmax_row is not None:
-        return p_out, g_out, best[1]
+        return p_out, g_out, int(best_t)
     return p_out, g_out
 
 
