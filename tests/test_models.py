@@ -354,3 +354,11 @@ def test_load_model_unknown_name_is_a_model_error(tmp_path):
 
     with pytest.raises(ModelError, match="cannot load model"):
         load_model(str(tmp_path / "no-such-model"))
+
+
+def test_package_exports_are_listed_and_resolve():
+    import knowloc
+
+    assert set(knowloc.__all__) == set(knowloc._EXPORTS) | {"__version__"}
+    for name in knowloc.__all__:
+        assert getattr(knowloc, name) is not None

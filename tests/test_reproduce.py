@@ -81,7 +81,7 @@ def test_killed_reproduce_resumes_to_the_same_tables(tiny_dir, facts_file, tmp_p
     n_before = len(list(parts.glob("*.parquet")))
     assert 0 < n_before < 2 * (2 * 4 + 2 * 3)
     done_mtimes = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.parquet")}
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     # finished units were not recomputed
     for name, mtime in done_mtimes.items():

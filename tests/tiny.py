@@ -17,11 +17,7 @@ from transformers import (
 
 from knowloc.models import Model, wrap
 
-WORDS = (
-    "the official language of brazil is portuguese capital france paris spain madrid "
-    "german germany berlin italy rome italian spanish french english japan tokyo japanese "
-    "city country born in a an and was by to language spoken people speak known as"
-).split()
+WORDS = ["the", "official", "language", "of", "brazil", "is", "portuguese", "capital", "france", "paris", "spain", "madrid", "german", "germany", "berlin", "italy", "rome", "italian", "spanish", "french", "english", "japan", "tokyo", "japanese", "city", "country", "born", "in", "a", "an", "and", "was", "by", "to", "language", "spoken", "people", "speak", "known", "as"]
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
 
 
@@ -51,7 +47,7 @@ VOCAB = len(SPECIALS) + len(WORDS)
 
 
 def configs() -> dict:
-    common = dict(vocab_size=VOCAB, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    common = {"vocab_size": VOCAB, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
     return {
         "gpt2": GPT2Config(n_layer=3, n_embd=32, n_head=4, n_positions=64, n_inner=48,
                            initializer_range=0.3, **common),
@@ -105,6 +101,5 @@ def write_facts_jsonl(path) -> None:
     with open(path, "w") as f:
         for rel, facts, templates in (("P37", LANGUAGE_FACTS, LANGUAGE_TEMPLATES),
                                       ("P1376", CAPITAL_FACTS, CAPITAL_TEMPLATES)):
-            for subj, obj in facts:
-                f.write(json.dumps({"relation": rel, "subject": subj, "object": obj,
-                                    "templates": templates}) + "\n")
+            f.writelines(json.dumps({"relation": rel, "subject": subj, "object": obj,
+                                     "templates": templates}) + "\n" for subj, obj in facts)

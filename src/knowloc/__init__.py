@@ -32,7 +32,21 @@ _EXPORTS = {
     "KnowlocError": "knowloc.errors",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [  # noqa: RUF022 - grouped like _EXPORTS
+    "load_model",
+    "wrap",
+    "Model",
+    "load_facts",
+    "Fact",
+    "Query",
+    "FactSet",
+    "attribute",
+    "Attribution",
+    "knowledge_neurons",
+    "NeuronSet",
+    "KnowlocError",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:  # lazy: importing knowloc does not import torch

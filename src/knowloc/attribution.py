@@ -555,9 +555,9 @@ __all__ = [
     "Attribution",
     "AttributionConfig",
     "attribute",
+    "auto_batch_size",
     "baselines",
     "normalize",
-    "auto_batch_size",
     "target_prob_grad",
     "work_dtype",
 ]

@@ -222,8 +222,8 @@ def _setup_logging(verbose: int) -> None:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    except Exception:  # noqa: BLE001
-        pass
+    except Exception as exc:  # noqa: BLE001 - quieting transformers is best effort
+        logging.getLogger(__name__).debug("could not quiet transformers logging: %s", exc)
 
 
 def _say(msg: str) -> None:

@@ -149,7 +149,7 @@ def localize(
             "prob": attr.prob,
             "predicted": attr.predicted,
             "known": bool(attr.top1),
-            "n_neurons": int(len(kn)),
+            "n_neurons": len(kn),
             "max_attribution": float(attr.scores.max()),
             "n_steps": acfg.n_steps,
         }

@@ -361,8 +361,8 @@ class Model:
                     f"is not inside the MLP block {parent_path!r}"
                 )
             seen: dict[str, torch.Tensor] = {}
-            h1 = mlp.register_forward_hook(lambda m, a, o: seen.__setitem__("mlp", o))
-            h2 = proj.register_forward_hook(lambda m, a, o: seen.__setitem__("proj", o))
+            h1 = mlp.register_forward_hook(lambda m, a, o, s=seen: s.__setitem__("mlp", o))
+            h2 = proj.register_forward_hook(lambda m, a, o, s=seen: s.__setitem__("proj", o))
             try:
                 self.hf(input_ids=ids)
             finally:
@@ -483,7 +483,7 @@ def load_model(
         log.info("loading %s from the Hugging Face hub (or its local cache)", name)
     try:
         config = AutoConfig.from_pretrained(source)
-    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
+    except Exception as exc:
         raise ModelError(
             f"cannot load model {name!r}: {exc}. Use an embedded model "
             f"({', '.join(embedded.EMBEDDED)}), a local directory, or a cached Hugging Face id"
@@ -495,7 +495,7 @@ def load_model(
     try:
         hf = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tok = AutoTokenizer.from_pretrained(source)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ModelError(f"cannot load model {name!r}: {exc}") from exc
     hf.to(dev)
     return wrap(hf, tok, name=name, check=check)
