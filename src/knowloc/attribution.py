@@ -434,10 +434,9 @@ def _attribute_one(
     prob = pred = None
     for n_pass, points in enumerate(_plan_passes(L, n_base * (m - 1), batch_size)):
         first = n_pass == 0
-        counts = [0] * L
-        for layer, _ in points:
-            counts[layer] += 1
-        idx = [[j for layer, j in points if layer == k] for k in range(L)]  # point ids per layer
+        ids = [[j for layer, j in points if layer == k] for k in range(L)]  # point ids per layer
+        counts = [len(j) for j in ids]
+        idx = {k: torch.tensor(j, device=dev) for k, j in enumerate(ids) if j}
         leaves: dict[int, torch.Tensor] = {}  # layer -> [c, D] patched activations (new rows)
         zeros: dict[int, torch.Tensor] = {}  # layer -> [D] zero leaf on row 0 (first pass)
 
@@ -453,7 +452,7 @@ def _attribute_one(
                 keep = torch.cat([keep[:1] + z, keep[1:]])
             if not c:
                 return keep
-            j = torch.tensor(idx[layer], device=dev)
+            j = idx[layer]
             b = base[j // (m - 1), layer]
             x = (b + alphas[j % (m - 1), None] * (a.to(work) - b)).to(model.dtype).requires_grad_(True)
             leaves[layer] = x
@@ -472,8 +471,7 @@ def _attribute_one(
             inputs = list(leaves.values()) + list(zeros.values())
             grads = torch.autograd.grad(hidden, inputs, grad_outputs=g_hidden.to(hidden.dtype))
         for layer, g in zip(leaves, grads[: len(leaves)]):
-            j = torch.tensor(idx[layer], device=dev)
-            grad_sum[:, layer].index_add_(0, j // (m - 1), g.to(work))
+            grad_sum[:, layer].index_add_(0, idx[layer] // (m - 1), g.to(work))
         for layer, g in zip(zeros, grads[len(leaves) :]):
             grad_sum[:, layer] += g.to(work)  # alpha = 1: the same point for every baseline
         if bar is not None:
