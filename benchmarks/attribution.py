@@ -38,9 +38,9 @@ Every (model, engine) pair runs in its own subprocess (``--worker MODEL ENGINE``
 the model and makes one warm-up run. The timed runs are interleaved: in each of ``--repeats``
 rounds every engine runs once (rotating the order), the others idle meanwhile, so that all
 engines see the same drift of this machine's speed (it drifts by +-20% over minutes here).
-Times are medians over rounds; a ratio is the median over rounds of the paired ratio. Memory: ``ru_maxrss`` of the
-worker (its peak RSS, model loading included) and its RSS right after loading the model, so
-that peak - model is what the attribution itself needed (a lower bound when loading peaked
+Times are medians over rounds; a ratio is the median over rounds of the paired ratio.
+Memory: ``ru_maxrss`` of the worker (its peak RSS, model loading included) and its RSS right
+after loading the model, so that peak - model is what the attribution itself needed (a lower bound when loading peaked
 higher than attribution; the load peak is recorded too). The parent checks that knowloc and
 both loops agree (max |a - b| / max |b| over the [layers, d_mlp] map, below
 ``AGREEMENT_TOL``). The line per model ends in ``ratio <N>x``, the loop's time over
@@ -57,11 +57,11 @@ import json
 import os
 import platform
 import resource
-import select
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import types
 from collections.abc import Callable, Sequence
@@ -363,8 +363,10 @@ class Worker:
             cmd += ["--scores-out", str(scores_out)]
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
         print(f"  loading {model} / {engine} ...", file=sys.stderr, flush=True)
+        # lives as long as the worker; its last line explains a crash
+        self.stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
             text=True, env=env,
         )  # fmt: skip
         rec = self._read()
@@ -380,22 +382,33 @@ class Worker:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        self.stderr.close()
 
     def _read(self) -> dict[str, Any] | None:
-        """The worker's next JSON line (other output is skipped), or None after failing it."""
+        """The worker's next JSON line (other output is skipped), or None after failing it.
+        A watchdog kills a worker that stays silent for ``--timeout`` seconds."""
         assert self.proc.stdout is not None
-        deadline = time.monotonic() + self.timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
-                self._fail(f"timed out after {self.timeout} s")
-                return None
-            line = self.proc.stdout.readline()
-            if not line:
-                self._fail(f"worker exited ({self.proc.wait()})")
-                return None
-            if line.startswith("{"):
-                return json.loads(line)
+        fired = threading.Event()
+
+        def kill() -> None:
+            fired.set()
+            self.proc.kill()
+
+        watchdog = threading.Timer(self.timeout, kill)
+        watchdog.start()
+        try:
+            while line := self.proc.stdout.readline():
+                if line.startswith("{"):
+                    return json.loads(line)
+        finally:
+            watchdog.cancel()
+        if fired.is_set():
+            self._fail(f"timed out after {self.timeout} s")
+        else:
+            self.stderr.seek(0)
+            tail = (self.stderr.read().strip().splitlines() or ["no output"])[-1]
+            self._fail(f"worker exit {self.proc.wait()}: {tail}")
+        return None
 
     def _send(self, line: str) -> bool:
         try:
@@ -430,6 +443,7 @@ class Worker:
                 self.result.extra["cpu_times"] = self.cpu_times
                 self.result.extra["other_cpu_load"] = max(self.loads) if self.loads else None
                 self.proc.wait()
+                self.stderr.close()
         return self.result
 
 
