@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "activations_and_probs",
     "apply_softcap",
+    "final_hidden",
     "last_activations",
     "last_hidden",
     "logits_from_hidden",
@@ -62,6 +63,12 @@ def logits_from_hidden(model: Model, hidden: torch.Tensor) -> torch.Tensor:
 def probs_from_hidden(model: Model, hidden: torch.Tensor) -> torch.Tensor:
     """Softmax over the vocabulary from final-normed hidden states ``[n, d_model]`` (float32)."""
     return torch.softmax(logits_from_hidden(model, hidden), -1)
+
+
+@torch.no_grad()
+def final_hidden(model: Model, ids: TokenIds) -> torch.Tensor:
+    """``[batch, seq, d_model]`` final-normed hidden states of every position (no cache)."""
+    return model.base_model()(input_ids=_as_batch(model, ids), use_cache=False).last_hidden_state
 
 
 @torch.no_grad()
