@@ -87,6 +87,13 @@ class Adapter:
         value = getattr(config, self.logit_softcap_key, None)
         return float(value) if value else None
 
+    def eos_token_id(self, config: Any) -> int | None:
+        """The config's end-of-sequence token (the first one when it lists several)."""
+        value = getattr(config, "eos_token_id", None)
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        return None if value is None else int(value)
+
     def context_length(self, config: Any) -> int | None:
         """Maximum sequence length the model was built for, None when the config has none."""
         for key in self.context_keys:

@@ -8,6 +8,7 @@ written here and nowhere else:
   call), ``past_key_values`` before; the same for the returned cache;
 * duplicating the rows of a ``DynamicCache`` (its ``layers`` and their
   ``batch_repeat_interleave``);
+* where a model was loaded from (``config._name_or_path``, ``config._commit_hash``);
 * the attention implementation a model runs (``config._attn_implementation``) and the
   switch between implementations;
 * the module-level ``eager_attention_forward`` of a modeling file, the function an attention
@@ -39,6 +40,8 @@ __all__ = [
     "output_cache",
     "repeat_cache_rows",
     "set_attn_implementation",
+    "source_name",
+    "source_revision",
 ]
 
 
@@ -82,6 +85,17 @@ def repeat_cache_rows(cache: Any, rows: Sequence[int]) -> Any:
         if n > 1:
             layer.batch_repeat_interleave(n)
     return out
+
+
+# ------------------------------------------------------------------------ provenance
+def source_name(config: Any) -> str:
+    """Where the model was loaded from (hub id or directory), "" when built in memory."""
+    return str(getattr(config, "_name_or_path", "") or "")
+
+
+def source_revision(config: Any) -> str | None:
+    """The hub commit the weights came from, None when unknown."""
+    return getattr(config, "_commit_hash", None)
 
 
 # ------------------------------------------------------------------------ attention

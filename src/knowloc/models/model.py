@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import DeviceError, ModelError, TokenizationError
-from . import forward
+from . import compat, forward
 from .adapters import Adapter, find_adapter
 
 log = logging.getLogger(__name__)
@@ -189,9 +189,7 @@ class Model:
             v = getattr(tok, attr, None)
             if v is not None:
                 return int(v)
-        v = getattr(self.config, "eos_token_id", None)
-        if isinstance(v, list):
-            v = v[0]
+        v = self.adapter.eos_token_id(self.config)
         if v is None:
             raise ModelError("the tokenizer has no EOS or pad token (needed for baselines)")
         return int(v)
@@ -346,8 +344,8 @@ def wrap(hf_model: nn.Module, tokenizer: Any, *, name: str | None = None, check:
         hf=hf_model,
         tokenizer=tokenizer,
         adapter=adapter,
-        name=name or getattr(hf_model.config, "_name_or_path", "") or adapter.name,
-        revision=getattr(hf_model.config, "_commit_hash", None),
+        name=name or compat.source_name(hf_model.config) or adapter.name,
+        revision=compat.source_revision(hf_model.config),
     )
     if check:
         model.self_check()
