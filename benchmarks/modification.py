@@ -46,8 +46,8 @@ def main() -> None:
 
     from knowloc import load_facts, load_model
     from knowloc.attribution import attribute
-    from knowloc.editing import Edit, weights_digest
     from knowloc.evaluation import Baseline, EvalQuery, PPLSampler, evaluate_edit, load_ppl_corpus
+    from knowloc.interventions.weights import Edit, weights_digest
     from knowloc.neurons import knowledge_neurons
 
     t = time.time()

@@ -16,28 +16,30 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from knowloc import attention as A
-from knowloc.attention import (
+from knowloc.errors import ConfigError, KnowlocError
+from knowloc.interventions import attention as A
+from knowloc.interventions.attention import (
     AttentionImplementationError,
-    AttentionMap,
-    SynapseSet,
     activation_matrix,
     attention_map,
     eager_attention,
     heatmap_frame,
+    record_attention,
+    scale_attention,
+    synapse_effect,
+    synapse_experiment,
+)
+from knowloc.synapses import (
+    AttentionMap,
+    SynapseSet,
     knowledge_synapses,
     mean_activation,
     most_attended,
     predominance,
     predominance_both,
     received_attention,
-    record_attention,
-    scale_attention,
     signed_relative_change,
-    synapse_effect,
-    synapse_experiment,
 )
-from knowloc.errors import ConfigError, KnowlocError
 
 PROMPT = "the official language of brazil is"
 OTHER = "people in japan speak the language known as"  # longer: its synapses get clipped
@@ -63,7 +65,7 @@ def _nothing_left_behind(model):
         hooks = list(att._forward_hooks.values()) + list(att._forward_pre_hooks.values())
         assert not [h for h in hooks if "_intercept" in getattr(h, "__qualname__", "")]
         ns = A._namespace_of(att)
-        assert not hasattr(ns[A._HOOKED_NAME], "__wrapped__")
+        assert not hasattr(ns[A.EAGER_ATTENTION_NAME], "__wrapped__")
 
 
 # ============================================================= eager switch / errors

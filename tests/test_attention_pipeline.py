@@ -78,7 +78,8 @@ def test_attention_writes_its_tables_and_figures(analyzed):
 
 def test_attention_rows_match_the_library(analyzed):
     """A stored row equals synapse_effect computed directly (own synapses, x0 and x2)."""
-    from knowloc.attention import attention_map, knowledge_synapses, synapse_effect
+    from knowloc.interventions.attention import attention_map, synapse_effect
+    from knowloc.synapses import knowledge_synapses
 
     eff = pd.read_parquet(analyzed / "synapse_effects.parquet")
     ns = pd.read_parquet(analyzed / "neuron_sets.parquet")
@@ -218,7 +219,7 @@ def test_heatmap_command(tiny_dir, tmp_path, capsys):
     for name in ("figure1", "figure7", "figure10"):
         assert (out / f"{name}.png").stat().st_size > 1000
     # the unmanipulated activations are the model's
-    from knowloc.attention import activation_matrix
+    from knowloc.interventions.attention import activation_matrix
     from knowloc.models import load_model
 
     acts = activation_matrix(load_model(str(tiny_dir)), "people in brazil speak")

@@ -70,7 +70,7 @@ def test_fused_head_matches_autograd_softmax(monkeypatch, block):
     into many blocks and a partial last one)."""
     import copy
 
-    from knowloc import attribution as A
+    from knowloc.attribution import head as A
     from knowloc.models import wrap
 
     tiny = tiny_model("llama")

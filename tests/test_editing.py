@@ -8,8 +8,9 @@ import pytest
 import torch
 from tiny import ARCHS, tiny_model
 
-from knowloc.editing import Edit, intervene, intervention_probs, weights_digest
 from knowloc.errors import ConfigError
+from knowloc.interventions.activations import intervene, intervention_probs
+from knowloc.interventions.weights import Edit, weights_digest
 
 PROMPT = "the official language of brazil is"
 
@@ -222,7 +223,7 @@ def test_update_raises_p_new_object_on_gemma(gemma, gemma_kns):
     paper's unsigned formula does not on Gemma: its strongest knowledge neurons often read
     their value vectors with a negative activation (gated MLP), which turns +2E(o′) into
     −2|a|E(o′); pinned here so that a change of behaviour is noticed."""
-    from knowloc.editing import activation_signs
+    from knowloc.interventions.weights import activation_signs
 
     signed = plain = 0
     for prompt, answer, new, kns in gemma_kns:

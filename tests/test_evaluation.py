@@ -9,7 +9,6 @@ import torch
 from conftest import WIKITEXT
 from tiny import WORDS, tiny_model
 
-from knowloc.editing import Edit
 from knowloc.errors import DataError
 from knowloc.evaluation import (
     Baseline,
@@ -23,6 +22,7 @@ from knowloc.evaluation import (
     perplexity,
     probability_metrics,
 )
+from knowloc.interventions.weights import Edit
 
 
 # ------------------------------------------------------------ hand-made predictions

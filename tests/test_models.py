@@ -32,6 +32,8 @@ EXPECTED_ADAPTER = {
 # tiny configs: GPT-2 n_inner=48, the others intermediate_size=40; hidden size 32 everywhere
 EXPECTED_D_MLP = {"gpt2": 48, "llama": 40, "qwen2": 40, "mistral": 40, "gemma3": 40,
                   "gpt_neox": 40}
+EXPECTED_KV_HEADS = {"gpt2": 4, "llama": 2, "qwen2": 2, "mistral": 2, "gemma3": 1,
+                     "gpt_neox": 4}
 # a module of each architecture whose input is NOT the neuron (wrong hook site)
 WRONG_SITE = {
     "gpt2": "mlp.c_fc",
@@ -99,7 +101,10 @@ def test_structure_is_read_from_the_config(tiny):
     for layer in range(tiny.n_layers):
         assert tuple(tiny.value_vectors(layer).shape) == (tiny.d_mlp, 32)
     assert tuple(tiny.activations(tiny.encode_prompt(PROMPT)).shape) == (3, tiny.d_mlp)
-    assert tiny.hook_name(2) == "blocks.2.mlp.hook_post"
+    # attention sizes from the tiny configs: 4 heads of width 8; kv heads as configured
+    assert (tiny.d_model, tiny.n_heads, tiny.head_dim) == (32, 4, 8)
+    assert tiny.n_kv_heads == EXPECTED_KV_HEADS[arch]
+    assert tiny.context_length == 64
 
 
 def test_gpt2_without_n_inner_means_four_times_hidden():

@@ -53,8 +53,8 @@ def test_modify_writes_table2_and_resumes(run, capsys):
 
 
 def test_modify_stage_leaves_the_model_untouched(run):
-    from knowloc.editing import weights_digest
     from knowloc.experiments import ModifyConfig, modify
+    from knowloc.interventions.weights import weights_digest
     from knowloc.models import load_model
     from knowloc.store import RunStore
 
@@ -81,7 +81,7 @@ def test_modify_with_wikitext(run, capsys):
 
 
 def test_intervene_writes_figure4_with_checkable_rows(run, capsys):
-    from knowloc.editing import intervene
+    from knowloc.interventions.activations import intervene
     from knowloc.models import load_model
 
     assert main(["-q", "intervene", "--run", str(run), "--all-queries"]) == 0

@@ -36,9 +36,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .editing import Edit, last_position_probs
 from .errors import ConfigError, DataError
+from .interventions.weights import Edit
 from .models import Model
+from .models.forward import final_hidden, logits_from_hidden, next_token_probs
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +93,11 @@ def predict(
     by_len: dict[int, list[int]] = {}
     for i, ids in enumerate(prompts):
         by_len.setdefault(len(ids), []).append(i)
-    base = model.base_model()
     for idx_all in by_len.values():
         for s in range(0, len(idx_all), max_batch):
             idx = idx_all[s : s + max_batch]
             x = torch.tensor([list(prompts[i]) for i in idx], device=model.device)
-            hidden = base(input_ids=x, use_cache=False).last_hidden_state[:, -1]
-            probs = last_position_probs(model, hidden)
+            probs = next_token_probs(model, x)
             p, t = probs.max(-1)
             for row, i in enumerate(idx):
                 top1[i] = int(t[row])
@@ -189,11 +188,7 @@ def delta_prob(p_before: float, p_after: float, op: str) -> float:
 # ------------------------------------------------------------------------- perplexity
 def model_context(model: Model) -> int:
     """Maximum sequence length of the model (``max_position_embeddings`` / ``n_positions``)."""
-    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-        v = getattr(model.config, key, None)
-        if v:
-            return int(v)
-    return 1024
+    return model.context_length or 1024
 
 
 def _windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -237,20 +232,15 @@ def nll_sum(
     if window < 2 or not 1 <= stride <= window:
         raise ConfigError(f"need window >= 2 and 1 <= stride <= window (got {window}, {stride})")
     x_all = torch.tensor(list(ids), device=model.device)
-    head = model.unembedding()
-    cap = model.logit_softcap()
-    base = model.base_model()
     total = 0.0
     count = 0
     for begin, end, first in _windows(n, window, stride):
-        hidden = base(input_ids=x_all[begin:end][None], use_cache=False).last_hidden_state[0]
+        hidden = final_hidden(model, x_all[begin:end][None])[0]
         # logits at position t-1 predict token t; score t in [first, end)
         h = hidden[first - 1 - begin : end - 1 - begin]
         targets = x_all[first:end]
         for s in range(0, h.shape[0], head_rows):
-            logits = head(h[s : s + head_rows].contiguous()).float()
-            if cap:
-                logits = torch.tanh(logits / cap) * cap
+            logits = logits_from_hidden(model, h[s : s + head_rows])
             tgt = targets[s : s + head_rows]
             lse = torch.logsumexp(logits, -1)
             total += float((lse - logits.gather(1, tgt[:, None])[:, 0]).double().sum())

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .attribution import AttributionConfig, attribute
 from .data import FactSet, Query
 from .models import Model
+from .models.forward import next_token_probs
 from .neurons import Selection, neurons_frame
 from .store import RunStore, content_hash
 
@@ -241,8 +242,7 @@ def _screen_fact(model: Model, fact) -> list[dict[str, Any]]:
     probs: dict[int, torch.Tensor] = {}
     for idx in by_len.values():
         x = torch.tensor([encoded[i][1] for i in idx], device=model.device)
-        logits = model.hf(input_ids=x, logits_to_keep=1).logits[:, -1].float()
-        for i, row in zip(idx, torch.softmax(logits, -1)):
+        for i, row in zip(idx, next_token_probs(model, x)):
             probs[i] = row
     rows = []
     for i, (q, _, target) in enumerate(encoded):
@@ -545,8 +545,8 @@ def modify(
     restores the weights. Work units are (method, fact, op, set), content-hashed and
     resumable. Writes ``edits.parquet``, ``metrics.parquet`` and ``table2.csv``/``table2.md``.
     """
-    from .editing import Edit, activation_signs
     from .evaluation import Baseline, EvalQuery, PPLSampler, evaluate_edit, load_ppl_corpus
+    from .interventions.weights import Edit, activation_signs
 
     t0 = time.time()
     cfg.validate()
@@ -906,8 +906,8 @@ def query_kn_mapping(
     Writes ``interventions.parquet``, ``figure4.csv`` and ``figures/figure4_<method>.png``
     (+ CSV). Work units are (method, fact), content-hashed and resumable.
     """
-    from .editing import intervention_probs
     from .evaluation import delta_prob
+    from .interventions.activations import intervention_probs
     from .plots import query_kn_bars
 
     t0 = time.time()
@@ -1087,15 +1087,13 @@ def _attention_unit(model: Model, fact_id: str, relation: str, fq: pd.DataFrame,
                     kns: dict[str, dict[str, list[tuple[int, int]]]], catalog: pd.DataFrame,
                     cfg: AttentionConfig) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Predominance, synapses and synapse manipulations of one fact's queries."""
-    from .attention import (
-        _acts_and_probs,
-        attention_map,
-        eager_attention,
+    from .interventions.attention import attention_map, eager_attention, scale_attention
+    from .models.forward import activations_and_probs
+    from .synapses import (
         knowledge_synapses,
         mean_activation,
         most_attended,
         predominance_both,
-        scale_attention,
         signed_relative_change,
     )
 
@@ -1131,7 +1129,7 @@ def _attention_unit(model: Model, fact_id: str, relation: str, fq: pd.DataFrame,
                 "n_synapses_no_first": len(own[False]),
                 "irrelevant_query_id": irr[0] if irr else None,
             })
-            acts_b, probs_b = _acts_and_probs(model, ids)
+            acts_b, probs_b = activations_and_probs(model, ids)
             p_b = float(probs_b[target])
             for first in (True, False):
                 sets = {"self": (own[first], 0)}
@@ -1142,7 +1140,7 @@ def _attention_unit(model: Model, fact_id: str, relation: str, fq: pd.DataFrame,
                 for name, (syn, n_clipped) in sets.items():
                     for op, factor in ops:
                         with scale_attention(model, syn, factor, rows=cfg.rows):
-                            acts_a, probs_a = _acts_and_probs(model, ids)
+                            acts_a, probs_a = activations_and_probs(model, ids)
                         p_a = float(probs_a[target])
                         for method, by_q in kns.items():
                             ns = by_q.get(qid, [])
@@ -1344,7 +1342,8 @@ def heatmap_table(model: Model, prompts: Sequence[str], labels: Sequence[str],
     layer, unmanipulated). Columns: ``query, prompt, condition, layer, neuron, activation,
     is_kn`` (is_kn: (layer, neuron) is a knowledge neuron of that query).
     """
-    from .attention import activation_matrix, attention_map, knowledge_synapses
+    from .interventions.attention import activation_matrix, attention_map
+    from .synapses import knowledge_synapses
 
     if not (len(prompts) == len(labels) == len(neurons)):
         from .errors import ConfigError

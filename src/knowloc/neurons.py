@@ -8,6 +8,7 @@ and the Consistency-Aware Score edit set of a fact (paper §3.3, eq. 7: :func:`c
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -18,10 +19,42 @@ import pandas as pd
 import torch
 
 from .errors import ConfigError
+from .models import Model
+
+log = logging.getLogger(__name__)
 
 SELECTION_MODES = ("relative", "absolute", "topk")
 
 Neuron = tuple[int, int]
+
+
+def as_neurons(neurons: Iterable[Sequence[int]]) -> tuple[Neuron, ...]:
+    """Sorted, de-duplicated ``(layer, neuron)`` integer pairs."""
+    out = set()
+    for n in neurons:
+        layer, neuron = n
+        out.add((int(layer), int(neuron)))
+    return tuple(sorted(out))
+
+
+def check_neurons(model: Model, neurons: Iterable[Neuron]) -> None:
+    """Every neuron must exist in ``model`` (:class:`ConfigError` naming the first that does
+    not)."""
+    for layer, neuron in neurons:
+        if not (0 <= layer < model.n_layers and 0 <= neuron < model.d_mlp):
+            raise ConfigError(
+                f"neuron ({layer}, {neuron}) is outside {model.name} "
+                f"({model.n_layers} layers x {model.d_mlp} neurons); was the neuron set made "
+                "with another model?"
+            )
+
+
+def neurons_by_layer(neurons: Iterable[Neuron]) -> dict[int, list[int]]:
+    """``layer -> [neuron, ...]`` in the order given."""
+    groups: dict[int, list[int]] = {}
+    for layer, neuron in neurons:
+        groups.setdefault(layer, []).append(neuron)
+    return groups
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,11 @@
-"""Models and architecture adapters.
-
-A *knowledge neuron* ``(layer, neuron)`` is the ``neuron``-th input of the MLP down
-projection of ``layer`` (METHODS §0): GPT-2 ``mlp.c_proj`` input = GELU(c_fc x);
-LLaMA/Gemma/Qwen/Mistral ``mlp.down_proj`` input = act(gate x) * (up x); GPT-NeoX
-``mlp.dense_4h_to_h`` input. Its *value vector* is the matching column of the down
-projection's ``nn.Linear`` weight (row of GPT-2's ``Conv1D`` weight).
-
-Adapters are frozen dataclasses looked up by ``config.model_type`` (then
-``config.architectures[0]``), never by a substring of a model name.
-"""
+"""The loaded model: structure, tokenization and the self-check run at load time."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,119 +13,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import DeviceError, ModelError, TokenizationError
+from ..errors import DeviceError, ModelError, TokenizationError
+from . import compat, forward
+from .adapters import Adapter, find_adapter
 
 log = logging.getLogger(__name__)
 
+__all__ = ["DTYPES", "Model", "load_model", "resolve_device", "resolve_dtype", "wrap"]
 
-@dataclass(frozen=True)
-class Adapter:
-    """Where things live inside one architecture family of Hugging Face models."""
-
-    name: str
-    model_types: tuple[str, ...]
-    architectures: tuple[str, ...]
-    base: str  # attribute path of the base model (returns the final-normed hidden state)
-    layers: str  # attribute path of the decoder layer list
-    down_proj: str  # path, relative to a layer, of the MLP down projection
-    down_proj_conv1d: bool  # GPT-2 Conv1D: weight is [d_mlp, d_model]
-    attention: str  # path, relative to a layer, of the attention module
-    final_norm: str  # path of the final norm before the unembedding
-    unembedding: str  # path of the output projection (lm_head)
-    n_layers_key: str = "num_hidden_layers"
-    d_mlp_key: str = "intermediate_size"
-    mlp: str = "mlp"  # path, relative to a layer, of the MLP block (down_proj is its last op)
-
-    def d_mlp(self, config: Any) -> int:
-        value = getattr(config, self.d_mlp_key, None)
-        if value is None:  # GPT-2 stores None for n_inner and means 4 * n_embd
-            if self.name == "gpt2":
-                return 4 * int(config.n_embd)
-            raise ModelError(f"config has no {self.d_mlp_key!r}; cannot size the MLP")
-        return int(value)
-
-    def n_layers(self, config: Any) -> int:
-        return int(getattr(config, self.n_layers_key))
-
-
-ADAPTERS: tuple[Adapter, ...] = (
-    Adapter(
-        name="gpt2",
-        model_types=("gpt2",),
-        architectures=("GPT2LMHeadModel",),
-        base="transformer",
-        layers="transformer.h",
-        down_proj="mlp.c_proj",
-        down_proj_conv1d=True,
-        attention="attn",
-        final_norm="transformer.ln_f",
-        unembedding="lm_head",
-        n_layers_key="n_layer",
-        d_mlp_key="n_inner",
-    ),
-    Adapter(
-        name="llama",
-        model_types=("llama", "mistral", "qwen2", "qwen3"),
-        architectures=(
-            "LlamaForCausalLM",
-            "MistralForCausalLM",
-            "Qwen2ForCausalLM",
-            "Qwen3ForCausalLM",
-        ),
-        base="model",
-        layers="model.layers",
-        down_proj="mlp.down_proj",
-        down_proj_conv1d=False,
-        attention="self_attn",
-        final_norm="model.norm",
-        unembedding="lm_head",
-    ),
-    Adapter(
-        name="gemma3",
-        model_types=("gemma3_text", "gemma2", "gemma"),
-        architectures=("Gemma3ForCausalLM", "Gemma2ForCausalLM", "GemmaForCausalLM"),
-        base="model",
-        layers="model.layers",
-        down_proj="mlp.down_proj",
-        down_proj_conv1d=False,
-        attention="self_attn",
-        final_norm="model.norm",
-        unembedding="lm_head",
-    ),
-    Adapter(
-        name="gpt_neox",
-        model_types=("gpt_neox",),
-        architectures=("GPTNeoXForCausalLM",),
-        base="gpt_neox",
-        layers="gpt_neox.layers",
-        down_proj="mlp.dense_4h_to_h",
-        down_proj_conv1d=False,
-        attention="attention",
-        final_norm="gpt_neox.final_layer_norm",
-        unembedding="lm_head",
-    ),
-)
-
-
-def supported_architectures() -> list[str]:
-    return sorted({t for a in ADAPTERS for t in a.model_types})
-
-
-def find_adapter(config: Any) -> Adapter:
-    """The adapter for a transformers config, by ``model_type`` then ``architectures[0]``."""
-    model_type = getattr(config, "model_type", None)
-    for adapter in ADAPTERS:
-        if model_type in adapter.model_types:
-            return adapter
-    archs = getattr(config, "architectures", None) or []
-    if archs:
-        for adapter in ADAPTERS:
-            if archs[0] in adapter.architectures:
-                return adapter
-    raise ModelError(
-        f"unsupported architecture (model_type={model_type!r}, architectures={archs}); "
-        f"supported model types: {', '.join(supported_architectures())}"
-    )
+#: ``fn(layer, h) -> h'``: what an activation hook does with the down-projection input
+#: ``h`` ``[batch, seq, d_mlp]`` of one layer.
+ActivationFn = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 def _get(root: Any, path: str) -> Any:
@@ -199,6 +87,30 @@ class Model:
         return self.adapter.d_mlp(self.config)
 
     @property
+    def d_model(self) -> int:
+        """Width of the residual stream (hidden size)."""
+        return self.adapter.d_model(self.config)
+
+    @property
+    def n_heads(self) -> int:
+        """Attention (query) heads per layer."""
+        return self.adapter.n_heads(self.config)
+
+    @property
+    def n_kv_heads(self) -> int:
+        """Key/value heads per layer (fewer than ``n_heads`` with grouped-query attention)."""
+        return self.adapter.n_kv_heads(self.config)
+
+    @property
+    def head_dim(self) -> int:
+        return self.adapter.head_dim(self.config)
+
+    @property
+    def context_length(self) -> int | None:
+        """Maximum sequence length of the model (None when its config has none)."""
+        return self.adapter.context_length(self.config)
+
+    @property
     def device(self) -> torch.device:
         return next(self.hf.parameters()).device
 
@@ -226,7 +138,7 @@ class Model:
 
     def logit_softcap(self) -> float | None:
         """Final logit soft-capping (Gemma 2 style), or None."""
-        return getattr(self.config, "final_logit_softcapping", None)
+        return self.adapter.logit_softcap(self.config)
 
     def unembedding_matrix(self) -> torch.Tensor:
         """[vocab, d_model]: row v maps the final hidden state to logit v (E in METHODS §3)."""
@@ -236,9 +148,6 @@ class Model:
         """[d_mlp, d_model] view of the value vectors of ``layer`` (writes go to the weight)."""
         w = self.down_proj(layer).weight
         return w if self.adapter.down_proj_conv1d else w.t()
-
-    def hook_name(self, layer: int) -> str:
-        return f"blocks.{layer}.mlp.hook_post"
 
     # ---------------------------------------------------------------- tokenizing
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -280,9 +189,7 @@ class Model:
             v = getattr(tok, attr, None)
             if v is not None:
                 return int(v)
-        v = getattr(self.config, "eos_token_id", None)
-        if isinstance(v, list):
-            v = v[0]
+        v = self.adapter.eos_token_id(self.config)
         if v is None:
             raise ModelError("the tokenizer has no EOS or pad token (needed for baselines)")
         return int(v)
@@ -300,19 +207,18 @@ class Model:
         return set(getattr(self.tokenizer, "all_special_ids", []) or [])
 
     # ------------------------------------------------------------------- running
-    @torch.no_grad()
     def next_token_probs(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> torch.Tensor:
-        """[n, vocab] next-token probabilities after each prompt (float32, one pass each)."""
+        """[n, vocab] next-token probabilities after each prompt (float32, one pass each;
+        :func:`knowloc.models.forward.next_token_probs`)."""
         rows = []
         for p in prompts:
             ids = self.encode_prompt(p) if isinstance(p, str) else list(p)
-            x = torch.tensor([ids], device=self.device)
-            logits = self.hf(input_ids=x, logits_to_keep=1).logits[0, -1].float()
-            rows.append(torch.softmax(logits, -1))
+            rows.append(forward.next_token_probs(self, [ids])[0])
         return torch.stack(rows)
 
     @contextlib.contextmanager
-    def hook_activations(self, fn, layers: Sequence[int] | None = None) -> Iterator[None]:
+    def hook_activations(self, fn: ActivationFn,
+                         layers: Sequence[int] | None = None) -> Iterator[None]:
         """Temporarily replace the down-projection input of ``layers`` by ``fn(layer, h)``.
 
         ``h`` is ``[batch, seq, d_mlp]``; ``fn`` returns the tensor to use instead. The hooks
@@ -321,7 +227,7 @@ class Model:
         handles = []
         try:
             for layer in range(self.n_layers) if layers is None else layers:
-                def pre(module, args, _l=layer):
+                def pre(module: nn.Module, args: tuple[Any, ...], _l: int = layer) -> tuple[Any, ...]:
                     return (fn(_l, args[0]),) + tuple(args[1:])
 
                 handles.append(self.down_proj(layer).register_forward_pre_hook(pre))
@@ -330,19 +236,10 @@ class Model:
             for h in handles:
                 h.remove()
 
-    @torch.no_grad()
     def activations(self, prompt_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """[n_layers, d_mlp] neuron activations at the last position of a prompt."""
         ids = torch.as_tensor(prompt_ids, device=self.device).reshape(1, -1)
-        out = torch.empty(self.n_layers, self.d_mlp, device=self.device, dtype=self.dtype)
-
-        def grab(layer, h):
-            out[layer] = h[0, -1]
-            return h
-
-        with self.hook_activations(grab):
-            self.base_model()(input_ids=ids, use_cache=False)
-        return out
+        return forward.last_activations(self, ids)[0]
 
     # ----------------------------------------------------------------- self-check
     @torch.no_grad()
@@ -364,7 +261,7 @@ class Model:
             h1 = mlp.register_forward_hook(lambda m, a, o, s=seen: s.__setitem__("mlp", o))
             h2 = proj.register_forward_hook(lambda m, a, o, s=seen: s.__setitem__("proj", o))
             try:
-                self.hf(input_ids=ids)
+                forward.last_hidden(self, ids)
             finally:
                 h1.remove()
                 h2.remove()
@@ -395,8 +292,7 @@ class Model:
             seen[layer] = tuple(h.shape)
             return h
 
-        with self.hook_activations(shape):
-            base = self.hf(input_ids=ids).logits[0, -1].float()
+        base = forward.next_token_logits(self, ids, act_fn=shape)[0]
         expect = (1, ids.shape[1], self.d_mlp)
         bad = {k: v for k, v in seen.items() if v != expect}
         if len(seen) != self.n_layers or bad:
@@ -415,13 +311,12 @@ class Model:
                     h[..., neuron] = 0
                 return h
 
-            with self.hook_activations(zero, [layer]):
-                via_act = self.hf(input_ids=ids).logits[0, -1].float()
+            via_act = forward.next_token_logits(self, ids, act_fn=zero, layers=[layer])[0]
             vv = self.value_vectors(layer)
             saved = vv[neuron].clone()
             try:
                 vv[neuron] = 0
-                via_weight = self.hf(input_ids=ids).logits[0, -1].float()
+                via_weight = forward.next_token_logits(self, ids)[0]
             finally:
                 vv[neuron] = saved
             tol = atol * max(1.0, float(base.abs().max()))
@@ -449,8 +344,8 @@ def wrap(hf_model: nn.Module, tokenizer: Any, *, name: str | None = None, check:
         hf=hf_model,
         tokenizer=tokenizer,
         adapter=adapter,
-        name=name or getattr(hf_model.config, "_name_or_path", "") or adapter.name,
-        revision=getattr(hf_model.config, "_commit_hash", None),
+        name=name or compat.source_name(hf_model.config) or adapter.name,
+        revision=compat.source_revision(hf_model.config),
     )
     if check:
         model.self_check()
@@ -472,7 +367,7 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from . import embedded
+    from .. import embedded
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype)

@@ -1,7 +1,7 @@
-"""Knowledge-neuron edits (paper §2.2, eq. 2) and activation interventions (§3.1).
+"""Weight edits of knowledge neurons (paper §2.2, eq. 2; METHODS §3).
 
-Weight edits change the *value vectors* of knowledge neurons (METHODS §3): the row of the
-down projection that neuron (l, p) writes into the residual stream.
+Weight edits change the *value vectors* of knowledge neurons: the row of the down
+projection that neuron (l, p) writes into the residual stream.
 
 * **erase**:  v_lp <- 0
 * **update**: v_lp <- v_lp - λ1·E(o) + λ2·E(o′), λ1 = λ2 = 2, E(t) the unembedding row of
@@ -11,12 +11,6 @@ down projection that neuron (l, p) writes into the residual stream.
 An :class:`Edit` is a value; ``with edit.applied(model): ...`` writes it into the in-memory
 weights and restores the saved rows bit-for-bit on exit, also when the body raises. Files on
 disk are never opened.
-
-Activation interventions (METHODS §4) scale the neurons' activations instead of the weights:
-``with intervene(model, neurons, scale=0.0): ...`` multiplies the down-projection inputs of
-the given neurons at the last position (``positions="all"``: every position) by ``scale``
-(0 suppresses, 2 enhances). With ``scale=0`` at every position this equals erasing the same
-neurons' value vectors.
 """
 
 from __future__ import annotations
@@ -30,49 +24,17 @@ from typing import Literal
 
 import torch
 
-from .errors import ConfigError
-from .models import Model
+from ..errors import ConfigError
+from ..models import Model
+from ..neurons import Neuron, as_neurons, check_neurons, neurons_by_layer
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "OPS",
-    "Edit",
-    "activation_signs",
-    "intervene",
-    "intervention_probs",
-    "weights_digest",
-]
+__all__ = ["LAMBDA1", "LAMBDA2", "OPS", "Edit", "activation_signs", "weights_digest"]
 
-Neuron = tuple[int, int]
 OPS: tuple[str, ...] = ("erase", "update")
 LAMBDA1 = 2.0
 LAMBDA2 = 2.0
-
-
-def _normalize_neurons(neurons: Iterable[Sequence[int]]) -> tuple[Neuron, ...]:
-    out = set()
-    for n in neurons:
-        layer, neuron = n
-        out.add((int(layer), int(neuron)))
-    return tuple(sorted(out))
-
-
-def _check_neurons(model: Model, neurons: Sequence[Neuron]) -> None:
-    for layer, neuron in neurons:
-        if not (0 <= layer < model.n_layers and 0 <= neuron < model.d_mlp):
-            raise ConfigError(
-                f"neuron ({layer}, {neuron}) is outside {model.name} "
-                f"({model.n_layers} layers x {model.d_mlp} neurons); was the neuron set made "
-                "with another model?"
-            )
-
-
-def _by_layer(neurons: Sequence[Neuron]) -> dict[int, list[int]]:
-    groups: dict[int, list[int]] = {}
-    for layer, neuron in neurons:
-        groups.setdefault(layer, []).append(neuron)
-    return groups
 
 
 @dataclass(frozen=True)
@@ -98,7 +60,7 @@ class Edit:
     def __post_init__(self) -> None:
         if self.op not in OPS:
             raise ConfigError(f"unknown edit operation {self.op!r}; choose erase or update")
-        neurons = _normalize_neurons(self.neurons)
+        neurons = as_neurons(self.neurons)
         if self.signs is not None and len(self.signs) != len(neurons):
             raise ConfigError("signs must give one value per (distinct) neuron")
         object.__setattr__(self, "neurons", neurons)
@@ -125,7 +87,7 @@ class Edit:
         :func:`activation_signs`) the change is multiplied by the neuron's sign, so that it
         pushes towards o′ also where the activation that reads the value vector is negative
         (gated MLPs: LLaMA, Gemma); not in the paper."""
-        ns = _normalize_neurons(neurons)
+        ns = as_neurons(neurons)
         sg = None if signs is None else tuple(float(signs[n]) for n in ns)
         return cls("update", ns, int(target_id), int(new_target_id),  # type: ignore[arg-type]
                    float(lambda1), float(lambda2), sg)
@@ -164,13 +126,13 @@ class Edit:
         The touched value vectors are saved first and written back on exit, also when the
         block raises, so every parameter is bit-for-bit what it was. An empty edit is a no-op.
         """
-        _check_neurons(model, self.neurons)
+        check_neurons(model, self.neurons)
         delta = self._delta(model)
         saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         sign_of = dict(zip(self.neurons, self.signs or (1.0,) * len(self.neurons)))
         try:
             with torch.no_grad():
-                for layer, idx in _by_layer(self.neurons).items():
+                for layer, idx in neurons_by_layer(self.neurons).items():
                     vv = model.value_vectors(layer)  # view: writes go to the weight
                     index = torch.tensor(idx, device=vv.device, dtype=torch.long)
                     saved.append((vv, index, vv[index].clone()))
@@ -194,97 +156,11 @@ def activation_signs(
 ) -> dict[Neuron, float]:
     """Sign (+1/−1; +1 at 0) of each neuron's mean activation at the last position of the
     prompts: the direction in which the neuron reads its value vector."""
-    ns = _normalize_neurons(neurons)
+    ns = as_neurons(neurons)
     if not ns or not prompts_ids:
         return {n: 1.0 for n in ns}
     acts = torch.stack([model.activations(list(p)) for p in prompts_ids]).mean(0)
     return {(l, p): (-1.0 if float(acts[l, p]) < 0 else 1.0) for l, p in ns}
-
-
-# ---------------------------------------------------------------------- interventions
-@contextlib.contextmanager
-def intervene(
-    model: Model,
-    neurons: Iterable[Sequence[int]],
-    scale: float = 0.0,
-    *,
-    positions: Literal["last", "all"] = "last",
-) -> Iterator[None]:
-    """Multiply the activations of ``neurons`` by ``scale`` while the block runs.
-
-    The neuron is the input of the MLP down projection (METHODS §0); ``positions="last"``
-    (default, METHODS §4) scales it at the last sequence position only, ``"all"`` at every
-    position. Hooks are removed on exit, also on error. An empty neuron set is a no-op.
-    """
-    if positions not in ("last", "all"):
-        raise ConfigError(f"positions must be 'last' or 'all' (got {positions!r})")
-    ns = _normalize_neurons(neurons)
-    _check_neurons(model, ns)
-    groups = {
-        layer: torch.tensor(idx, device=model.device, dtype=torch.long)
-        for layer, idx in _by_layer(ns).items()
-    }
-    if not groups:
-        yield
-        return
-
-    def fn(layer: int, h: torch.Tensor) -> torch.Tensor:
-        idx = groups[layer]
-        h = h.clone()
-        if positions == "last":
-            h[:, -1, idx] = h[:, -1, idx] * scale
-        else:
-            h[:, :, idx] = h[:, :, idx] * scale
-        return h
-
-    with model.hook_activations(fn, sorted(groups)):
-        yield
-
-
-@torch.no_grad()
-def intervention_probs(
-    model: Model,
-    prompt_ids: Sequence[int],
-    variants: Sequence[tuple[Iterable[Sequence[int]], float]],
-    target_ids: Sequence[int],
-) -> torch.Tensor:
-    """P(target) at the last position for the plain prompt and every intervention variant.
-
-    One batched forward pass: row 0 is unmodified, row ``1 + v`` has variant ``v``'s
-    neurons scaled by its factor at the last position (the same as :func:`intervene`).
-    Returns ``[1 + len(variants), len(target_ids)]`` float32 probabilities.
-    """
-    n_rows = 1 + len(variants)
-    mult: dict[int, torch.Tensor] = {}
-    for row, (neurons, scale) in enumerate(variants, start=1):
-        ns = _normalize_neurons(neurons)
-        _check_neurons(model, ns)
-        for layer, idx in _by_layer(ns).items():
-            if layer not in mult:
-                mult[layer] = torch.ones(n_rows, model.d_mlp, device=model.device,
-                                         dtype=model.dtype)
-            mult[layer][row, idx] = scale
-
-    def fn(layer: int, h: torch.Tensor) -> torch.Tensor:
-        h = h.clone()
-        h[:, -1, :] = h[:, -1, :] * mult[layer]
-        return h
-
-    x = torch.tensor([list(prompt_ids)] * n_rows, device=model.device)
-    with model.hook_activations(fn, sorted(mult)) if mult else contextlib.nullcontext():
-        hidden = model.base_model()(input_ids=x, use_cache=False).last_hidden_state[:, -1]
-    probs = last_position_probs(model, hidden)
-    return probs[:, list(target_ids)]
-
-
-@torch.no_grad()
-def last_position_probs(model: Model, hidden: torch.Tensor) -> torch.Tensor:
-    """Softmax over the vocabulary from final-normed hidden states ``[n, d_model]`` (float32)."""
-    logits = model.unembedding()(hidden.contiguous()).float()
-    cap = model.logit_softcap()
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return torch.softmax(logits, -1)
 
 
 def weights_digest(model: Model | torch.nn.Module) -> str:

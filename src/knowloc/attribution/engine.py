@@ -1,0 +1,371 @@
+"""The attribution engine: prefix runner, pass planner and staircase passes.
+
+Patching the last position leaves the prompt prefix unchanged, which the engine exploits:
+
+* the prefix runs once and its key/value cache is reused by every integration point;
+* each point pushes only the last token through the model;
+* points (layer, step) are batched across layers in passes sized to a memory budget; in a
+  pass the batch grows layer by layer ("staircase"): a point patched at layer l joins the
+  batch at layer l, as a copy of the unpatched run, so no layer computes a row whose value
+  is already known;
+* row 0 of that batch is the unpatched run itself: it gives the activations the points are
+  built from, P(target) and the top token, and -- since scaling by alpha = 1 changes nothing
+  -- the gradients of the alpha = 1 points of every layer from one row (a zero leaf added
+  to its activation at each layer), so no separate clean run and 1/m fewer rows;
+* the output head is fused (:mod:`.head`): P(target) and its gradient w.r.t. the final
+  hidden state come from two matrix products with the unembedding;
+* weights are frozen; gradients are taken only w.r.t. the patched activations.
+
+The method (:mod:`.methods`) only supplies baselines, the number of steps and the final
+normalization; the engine is the same for every method.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+from ..models import ActivationFn, Model
+from ..models.compat import cache_kwargs, output_cache, repeat_cache_rows
+from .head import head_rows, target_prob_grad, work_dtype
+from .methods import AttributionConfig, AttributionMethod
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Attribution", "PrefixRunner", "attribute", "auto_batch_size", "plan_passes"]
+
+
+@dataclass
+class Attribution:
+    """Attribution scores of one query: ``scores[layer, neuron]`` (CPU; float32, or float64
+    for a float64 model)."""
+
+    prompt: str
+    answer: str
+    target_id: int
+    method: str
+    scores: torch.Tensor
+    activations: torch.Tensor
+    prob: float
+    top1: bool
+    predicted_id: int
+    predicted: str
+    config: dict[str, Any]
+    query_id: str | None = None
+    fact_id: str | None = None
+    relation: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.scores.shape[0])
+
+    def top(self, k: int = 10) -> list[tuple[int, int, float, float]]:
+        """The ``k`` highest-scoring neurons as (layer, neuron, attribution, activation)."""
+        flat = self.scores.flatten()
+        k = min(k, flat.numel())
+        vals, idx = torch.topk(flat, k)
+        d = self.scores.shape[1]
+        return [
+            (int(i) // d, int(i) % d, float(v), float(self.activations.flatten()[int(i)]))
+            for v, i in zip(vals, idx)
+        ]
+
+
+# ---------------------------------------------------------------------------- queries
+@dataclass(frozen=True)
+class _Prepared:
+    prompt: str
+    answer: str
+    ids: tuple[int, ...]
+    target_id: int
+    query_id: str | None
+    fact_id: str | None
+    relation: str | None
+
+
+def _prepare(model: Model, q: Any) -> _Prepared:
+    if isinstance(q, (tuple, list)) and len(q) == 2:
+        prompt, answer = q
+        qid = fid = rel = None
+    else:
+        prompt, answer = q.prompt, q.answer
+        qid = getattr(q, "query_id", None)
+        fid = getattr(q, "fact_id", None)
+        rel = getattr(q, "relation", None)
+    ids = model.encode_prompt(prompt)
+    target = model.target_id(prompt, answer)
+    return _Prepared(prompt, answer, tuple(ids), target, qid, fid, rel)
+
+
+# ----------------------------------------------------------------------- memory sizing
+def _layer_bytes_per_row(model: Model, seq_len: int) -> int:
+    """Bytes one batch row keeps per decoder layer during a pass: activations saved for the
+    backward pass and its copy of the prefix keys/values."""
+    d = model.d_model
+    el = torch.finfo(model.dtype).bits // 8
+    return (12 * d + 8 * model.d_mlp + 2 * seq_len * d) * el
+
+
+def auto_batch_size(model: Model, seq_len: int, memory_budget_gb: float) -> int:
+    """Integration points per pass that fit ``memory_budget_gb``. A point patched at layer l
+    is a batch row in layers l..L-1: (L+1)/2 layers on average."""
+    per_point = _layer_bytes_per_row(model, seq_len) * (model.n_layers + 1) // 2
+    return max(1, int(memory_budget_gb * 2**30 // per_point))
+
+
+# ----------------------------------------------------------------------- prefix runner
+def _grow(n_new: int) -> Callable[..., tuple[tuple[Any, ...], dict[str, Any]]]:
+    """Forward pre-hook (with kwargs) on a decoder layer: append ``n_new`` copies of row 0
+    (the unpatched run) to the layer's hidden-state input, detached from row 0's graph."""
+
+    def grow(h: torch.Tensor) -> torch.Tensor:
+        # detached: a new row starts as a copy of the unpatched run, and its gradient must not
+        # flow back into row 0 (which carries the alpha = 1 points, see _attribute_one)
+        return torch.cat([h, h[:1].detach().expand(n_new, *h.shape[1:])])
+
+    def pre(module: torch.nn.Module, args: tuple[Any, ...],
+            kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if args:
+            return (grow(args[0]),) + tuple(args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = grow(kwargs["hidden_states"])
+        return args, kwargs
+
+    return pre
+
+
+class PrefixRunner:
+    """Runs the last prompt token on top of a cached prefix, as a "staircase" batch.
+
+    ``run(counts)`` starts at batch size 1 (the unpatched run, row 0); at the input of layer
+    k it appends ``counts[k]`` copies of row 0, the rows that will be patched at layer k.
+    A point patched at layer l is thus a batch row only in layers l..L-1, where its hidden
+    state differs from the unpatched one: no layer runs a row whose result is known.
+    """
+
+    def __init__(self, model: Model, ids: Sequence[int]):
+        self.model = model
+        self.ids = list(ids)
+        dev = model.device
+        self.last = torch.tensor([[self.ids[-1]]], device=dev)
+        self.cache = None
+        if len(self.ids) > 1:
+            with torch.no_grad():
+                out = model.base_model()(input_ids=torch.tensor([self.ids[:-1]], device=dev),
+                                         use_cache=True)
+            self.cache = output_cache(out)
+
+    def run(self, counts: Sequence[int], act_fn: ActivationFn | None = None) -> torch.Tensor:
+        """[1 + sum(counts), d_model] final-normed last-position hidden states; row 0 is the
+        unpatched run, then the rows added at layer 0, layer 1, ... in order."""
+        model = self.model
+        rows, n = [], 1
+        for c in counts:
+            n += c
+            rows.append(n)
+        handles = [
+            model.layers()[k].register_forward_pre_hook(_grow(c), with_kwargs=True)
+            for k, c in enumerate(counts)
+            if c
+        ]
+        cache = repeat_cache_rows(self.cache, rows) if self.cache is not None else None
+        try:
+            ctx = model.hook_activations(act_fn) if act_fn else contextlib.nullcontext()
+            with ctx:
+                out = model.base_model()(
+                    input_ids=self.last,
+                    use_cache=self.cache is not None,
+                    **cache_kwargs(cache),
+                )
+        finally:
+            for h in handles:
+                h.remove()
+        return out.last_hidden_state[:, -1]
+
+
+# ------------------------------------------------------------------------ pass planner
+def plan_passes(n_layers: int, n_per_layer: int, batch: int) -> list[list[tuple[int, int]]]:
+    """Split the points (layer, j) into passes of <= ``batch`` points, each sorted by layer.
+
+    Points are taken step-major (every layer's j-th point, then the (j+1)-th, ...), so a full
+    pass holds the same number of points at every layer. The cost of a point does not depend
+    on which pass it is in (it is a batch row in layers l..L-1 either way). A plan always has
+    at least one pass (possibly empty: row 0 alone still carries the alpha = 1 points).
+    """
+    points = [(layer, j) for j in range(n_per_layer) for layer in range(n_layers)]
+    return [sorted(points[i : i + batch]) for i in range(0, len(points), batch)] or [[]]
+
+
+class _StaircasePatch:
+    """The activation function of one staircase pass (state explicit, one object per pass).
+
+    At layer ``k`` it reads row 0's activation (the unpatched run), keeps the rows that are
+    already in the batch, and appends the ``counts[k]`` patched points ``b + alpha (a - b)``
+    of that layer as leaves. In the first pass it also records the unpatched activations
+    into ``acts`` and adds a zero leaf to row 0 at every layer (the alpha = 1 points).
+    """
+
+    def __init__(self, model: Model, points: Sequence[tuple[int, int]], first: bool,
+                 base: torch.Tensor, alphas: torch.Tensor, steps: int, acts: torch.Tensor):
+        self.model = model
+        self.first = first
+        self.base = base
+        self.alphas = alphas
+        self.steps = steps
+        self.acts = acts
+        dev = model.device
+        ids = [[j for layer, j in points if layer == k] for k in range(model.n_layers)]
+        self.counts = [len(j) for j in ids]
+        self.idx = {k: torch.tensor(j, device=dev) for k, j in enumerate(ids) if j}
+        self.leaves: dict[int, torch.Tensor] = {}  # layer -> [c, D] patched activations
+        self.zeros: dict[int, torch.Tensor] = {}  # layer -> [D] zero leaf on row 0 (first)
+
+    def __call__(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        a = h[0, -1].detach()  # the unpatched activation at this layer (row 0)
+        if self.first:
+            self.acts[layer] = a
+        c = self.counts[layer]
+        keep = h[: h.shape[0] - c]
+        if self.first:
+            z = torch.zeros_like(a, requires_grad=True)
+            self.zeros[layer] = z
+            keep = torch.cat([keep[:1] + z, keep[1:]])
+        if not c:
+            return keep
+        m1 = self.steps - 1
+        j = self.idx[layer]
+        b = self.base[j // m1, layer]
+        work = self.base.dtype
+        x = (b + self.alphas[j % m1, None] * (a.to(work) - b)).to(self.model.dtype)
+        x.requires_grad_(True)
+        self.leaves[layer] = x
+        return torch.cat([keep, x[:, None, :]])
+
+
+def _attribute_one(
+    model: Model,
+    q: _Prepared,
+    cfg: AttributionConfig,
+    method: AttributionMethod,
+    batch_size: int,
+    max_head_rows: int,
+    bar: tqdm | None,
+) -> Attribution:
+    """One query. Every pass is a staircase run on the cached prefix (:class:`PrefixRunner`)
+    whose row 0 is the unpatched run; the point (l, alpha) is built inside the pass from row
+    0's own activation at layer l. The alpha = 1 points need no rows of their own: the
+    patched run is then the unpatched one, so in the first pass row 0 gets a zero-valued leaf
+    added to its activation at every layer, and one backward pass gives dP/da_l at alpha = 1
+    for all layers at once (and row 0's P(target) and top token are the clean prediction).
+    """
+    L, D, m = model.n_layers, model.d_mlp, method.steps(cfg)
+    dev, work = model.device, work_dtype(model)
+    runner = PrefixRunner(model, q.ids)
+    base = method.baseline(model, q.ids, cfg).to(work)  # [B0, L, D]
+    n_base = base.shape[0]
+    alphas = torch.arange(1, m, device=dev, dtype=work) / m  # alpha_1..alpha_{m-1}; alpha_m = 1 is row 0
+    acts = torch.empty(L, D, device=dev, dtype=model.dtype)
+    grad_sum = torch.zeros(n_base, L, D, device=dev, dtype=work)
+    prob = pred = None
+    for n_pass, points in enumerate(plan_passes(L, n_base * (m - 1), batch_size)):
+        first = n_pass == 0
+        patch = _StaircasePatch(model, points, first, base, alphas, m, acts)
+        with torch.enable_grad():
+            hidden = runner.run(patch.counts, patch)  # [1 + len(points), d_model]
+            if first:
+                head = target_prob_grad(model, hidden.detach(), q.target_id, max_head_rows,
+                                        argmax_row=0)
+                g_hidden, pred = head.grad, head.top
+                prob = float(head.prob[0])
+            else:  # row 0 carries no leaves here: leave it out of the head
+                g_rest = target_prob_grad(model, hidden[1:].detach(), q.target_id,
+                                          max_head_rows).grad
+                g_hidden = torch.cat([torch.zeros_like(g_rest[:1]), g_rest])
+            inputs = list(patch.leaves.values()) + list(patch.zeros.values())
+            grads = torch.autograd.grad(hidden, inputs, grad_outputs=g_hidden.to(hidden.dtype))
+        n_leaves = len(patch.leaves)
+        for layer, g in zip(patch.leaves, grads[:n_leaves]):
+            grad_sum[:, layer].index_add_(0, patch.idx[layer] // (m - 1), g.to(work))
+        for layer, g in zip(patch.zeros, grads[n_leaves:]):
+            grad_sum[:, layer] += g.to(work)  # alpha = 1: the same point for every baseline
+        if bar is not None:
+            bar.update(len(points) + (L * n_base if first else 0))
+
+    assert prob is not None and pred is not None  # the plan always has a first pass
+    diff = acts.to(work)[None] - base  # [B0, L, D]
+    scores = (diff * grad_sum / m).sum(0)
+    if method.normalize is not None:
+        scores = method.normalize(scores)
+    return Attribution(
+        prompt=q.prompt,
+        answer=q.answer,
+        target_id=q.target_id,
+        method=cfg.method,
+        scores=scores.cpu(),
+        activations=acts.to(work).cpu(),
+        prob=prob,
+        top1=pred == q.target_id,
+        predicted_id=pred,
+        predicted=model.tokenizer.decode([pred]),
+        config=cfg.as_dict(),
+        query_id=q.query_id,
+        fact_id=q.fact_id,
+        relation=q.relation,
+    )
+
+
+def attribute(
+    model: Model,
+    queries: Any,
+    method: str = "ig",
+    *,
+    n_steps: int = 20,
+    internal_batch_size: int | None = None,
+    memory_budget_gb: float = 2.0,
+    sig_mode: str = "mean",
+    progress: bool = True,
+) -> Attribution | list[Attribution]:
+    """Attribute the gold answer of each query to the model's MLP neurons.
+
+    ``queries`` is a :class:`knowloc.data.Query`, a ``(prompt, answer)`` tuple, or a
+    sequence of either; a single query gives a single :class:`Attribution`, a sequence a
+    list. ``method`` is a registered method name (:func:`~knowloc.attribution.method_names`).
+    ``internal_batch_size`` is the number of integration points (layer, step) per forward
+    pass; by default it is sized to ``memory_budget_gb``, which also bounds the rows per
+    block of the output head. Results do not depend on either.
+    """
+    cfg = AttributionConfig(method=method, n_steps=n_steps, sig_mode=sig_mode).validate()
+    spec = cfg.spec
+    if internal_batch_size is not None and (
+        isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1
+    ):
+        raise ConfigError(f"internal_batch_size must be an integer >= 1 (got {internal_batch_size!r})")
+    if not memory_budget_gb > 0:
+        raise ConfigError(f"memory_budget_gb must be > 0 (got {memory_budget_gb!r})")
+    single = not (isinstance(queries, (list, tuple)) and not _is_pair(queries))
+    qs = [queries] if single else list(queries)
+    prepared = [_prepare(model, q) for q in qs]
+    results = []
+    total = sum(spec.cost(model, q.ids, cfg) for q in prepared)
+    bar = tqdm(total=total, desc=f"{cfg.method} attribution", unit="pt", disable=not progress, leave=False)
+    rows = head_rows(model, memory_budget_gb)
+    try:
+        for q in prepared:
+            bs = internal_batch_size or auto_batch_size(model, len(q.ids), memory_budget_gb)
+            bar.set_postfix_str(q.prompt[-40:])
+            results.append(_attribute_one(model, q, cfg, spec, bs, rows, bar))
+    finally:
+        bar.close()
+    return results[0] if single else results
+
+
+def _is_pair(x: Any) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and all(isinstance(v, str) for v in x)

@@ -1,0 +1,138 @@
+"""The one forward path: last-position activations and next-token probabilities.
+
+Every next-token probability knowloc reports comes from here: the decoder stack runs
+(``Model.base_model()``, no cache), the final-normed hidden state of the last position is
+taken as a contiguous ``[batch, d_model]`` tensor, multiplied by the unembedding, soft-capped
+where the model has a final logit soft-cap (:func:`apply_softcap`, the only place outside
+the fused attribution head), and turned into probabilities in float32. The full
+``[batch, seq, vocab]`` logits are never formed, and the unembedding never reads a strided
+last-position view (transformers' ``logits_to_keep=1``, a slow matrix product on CPU).
+
+Rows of one call have the same length: nothing is padded, so every row is exact. Results
+depend (at float-rounding level) on the batch a row runs in; callers that need stable
+numbers keep their batching fixed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .model import Model
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "activations_and_probs",
+    "apply_softcap",
+    "final_hidden",
+    "last_activations",
+    "last_hidden",
+    "logits_from_hidden",
+    "next_token_logits",
+    "next_token_probs",
+    "probs_from_hidden",
+]
+
+ActivationFn = Callable[[int, torch.Tensor], torch.Tensor]
+TokenIds = torch.Tensor | Sequence[Sequence[int]]
+
+
+def _as_batch(model: Model, ids: TokenIds) -> torch.Tensor:
+    x = torch.as_tensor(ids, device=model.device) if not isinstance(ids, torch.Tensor) else ids
+    if x.ndim != 2:
+        raise ValueError(f"expected a [batch, seq] batch of token ids (got {tuple(x.shape)})")
+    return x.to(model.device)
+
+
+def apply_softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """``cap * tanh(logits / cap)`` (final logit soft-capping), or ``logits`` without a cap."""
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def logits_from_hidden(model: Model, hidden: torch.Tensor) -> torch.Tensor:
+    """Float32 (soft-capped) logits from final-normed hidden states ``[n, d_model]``."""
+    logits = model.unembedding()(hidden.contiguous()).float()
+    return apply_softcap(logits, model.logit_softcap())
+
+
+def probs_from_hidden(model: Model, hidden: torch.Tensor) -> torch.Tensor:
+    """Softmax over the vocabulary from final-normed hidden states ``[n, d_model]`` (float32)."""
+    return torch.softmax(logits_from_hidden(model, hidden), -1)
+
+
+@torch.no_grad()
+def final_hidden(model: Model, ids: TokenIds) -> torch.Tensor:
+    """``[batch, seq, d_model]`` final-normed hidden states of every position (no cache)."""
+    return model.base_model()(input_ids=_as_batch(model, ids), use_cache=False).last_hidden_state
+
+
+@torch.no_grad()
+def last_hidden(model: Model, ids: TokenIds, *, act_fn: ActivationFn | None = None,
+                layers: Sequence[int] | None = None) -> torch.Tensor:
+    """``[batch, d_model]`` final-normed hidden state at the last position (contiguous).
+
+    With ``act_fn``, the down-projection inputs of ``layers`` (default: all) are replaced by
+    ``act_fn(layer, h)`` during the pass (:meth:`Model.hook_activations`).
+    """
+    x = _as_batch(model, ids)
+    if act_fn is None:
+        out = model.base_model()(input_ids=x, use_cache=False)
+    else:
+        with model.hook_activations(act_fn, layers):
+            out = model.base_model()(input_ids=x, use_cache=False)
+    return out.last_hidden_state[:, -1].contiguous()
+
+
+@torch.no_grad()
+def next_token_logits(model: Model, ids: TokenIds, *, act_fn: ActivationFn | None = None,
+                      layers: Sequence[int] | None = None) -> torch.Tensor:
+    """``[batch, vocab]`` float32 (soft-capped) next-token logits after same-length prompts."""
+    return logits_from_hidden(model, last_hidden(model, ids, act_fn=act_fn, layers=layers))
+
+
+@torch.no_grad()
+def next_token_probs(model: Model, ids: TokenIds, *, act_fn: ActivationFn | None = None,
+                     layers: Sequence[int] | None = None) -> torch.Tensor:
+    """``[batch, vocab]`` float32 next-token probabilities after same-length prompts, on the
+    model's device (``act_fn``/``layers`` as in :func:`last_hidden`)."""
+    return probs_from_hidden(model, last_hidden(model, ids, act_fn=act_fn, layers=layers))
+
+
+@torch.no_grad()
+def last_activations(model: Model, ids: TokenIds) -> torch.Tensor:
+    """``[batch, n_layers, d_mlp]`` neuron activations at the last position of same-length
+    prompts (model dtype, on the model's device)."""
+    x = _as_batch(model, ids)
+    out = torch.empty(x.shape[0], model.n_layers, model.d_mlp, device=model.device,
+                      dtype=model.dtype)
+
+    def grab(layer: int, h: torch.Tensor) -> torch.Tensor:
+        out[:, layer] = h[:, -1]
+        return h
+
+    with model.hook_activations(grab):
+        model.base_model()(input_ids=x, use_cache=False)
+    return out
+
+
+@torch.no_grad()
+def activations_and_probs(model: Model, ids: Sequence[int], *,
+                          act_fn: ActivationFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One prompt: (``[n_layers, d_mlp]`` last-position activations, ``[vocab]`` next-token
+    probabilities), both float32 on the CPU. With ``act_fn`` the activations are recorded
+    after it replaced them."""
+    acts = torch.empty(model.n_layers, model.d_mlp, dtype=torch.float32)
+
+    def grab(layer: int, h: torch.Tensor) -> torch.Tensor:
+        if act_fn is not None:
+            h = act_fn(layer, h)
+        acts[layer] = h[0, -1].detach().float().cpu()
+        return h
+
+    probs = next_token_probs(model, [list(ids)], act_fn=grab)
+    return acts, probs[0].cpu()
