@@ -41,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -559,3 +559,38 @@ __all__ = [
     "target_prob_grad",
     "work_dtype",
 ]
+
+
+# TEMPORARY: replaced by the registry at merge
+@dataclass(frozen=True)
+class Method:
+    """How an attribution method is presented: its name, label and paper figure."""
+
+    name: str
+    label: str
+    figure: str | None
+
+
+_REGISTRY: dict[str, Method] = {
+    m.name: m for m in (Method("ig", "IG", "3"), Method("sig", "SIG", "8"),
+                        Method("amig", "AMIG", "9"))
+}
+
+
+def method_names() -> tuple[str, ...]:
+    """The registered methods, in display order."""
+    return tuple(_REGISTRY)
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``; ConfigError for an unknown one."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown attribution method {name!r}; choose from "
+                          f"{', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def sort_methods(names: Iterable[str]) -> list[str]:
+    """``names`` without repeats: registered ones in display order, then the others sorted."""
+    present = set(names)
+    return [m for m in _REGISTRY if m in present] + sorted(present - set(_REGISTRY))
