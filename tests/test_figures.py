@@ -127,3 +127,22 @@ def test_attention_plots_write_png_and_csv(tmp_path):
                   & (summary.operation == "avg") & (summary.metric == "delta_prob")]
     assert float(row["value"].iloc[0]) == pytest.approx(0.8)
     assert len(summary) == 2 * 2 * 3 * 2
+
+
+def test_method_labels_captions_and_order_come_from_the_registry(tmp_path):
+    from knowloc.report.figures import kn_layers, method_label
+    from knowloc.report.sections import violin_caption
+    from knowloc.store import RunStore
+
+    assert violin_caption("ig") == "CS2 per relation, IG (Figure 3)"
+    assert violin_caption("sig") == "CS2 per relation, SIG (Figure 8)"
+    assert violin_caption("amig") == "CS2 per relation, AMIG (Figure 9)"
+    assert violin_caption("toy") == "CS2 per relation, toy"  # no invented figure number
+    assert method_label("amig") == "AMIG"
+    # an unregistered method is drawn after the registered ones, not dropped
+    neurons = pd.DataFrame({"method": ["toy", "amig", "ig", "toy"], "layer": [0, 1, 1, 1]})
+    png, csv = kn_layers(RunStore(tmp_path / "run"), neurons, n_layers=2)
+    data = pd.read_csv(csv)
+    assert list(dict.fromkeys(data["method"])) == ["ig", "amig", "toy"]
+    assert data.loc[data["method"] == "toy", "n_neurons"].tolist() == [1, 1]
+    assert png.exists()
