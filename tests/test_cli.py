@@ -108,6 +108,17 @@ def test_method_names_come_from_the_registry_at_call_time(command, monkeypatch, 
                                             r"ig, sig, amig, toy")
 
 
+def test_common_options_before_and_after_the_subcommand():
+    from knowloc.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["models"]).quiet is False
+    assert parser.parse_args(["-q", "models"]).quiet is True
+    assert parser.parse_args(["models", "-q"]).quiet is True
+    assert parser.parse_args(["localize", "-vv"]).verbose == 2
+    assert parser.parse_args(["-v", "consistency", "--run", "r"]).verbose == 1
+
+
 def test_query_on_a_missing_run_dir(capsys, tmp_path):
     rc = main(["query", str(tmp_path / "nope"), "select 1"])
     _, err = capsys.readouterr()

@@ -65,16 +65,7 @@ def _add_run_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="knowloc",
-        description="Find where a language model keeps a fact, test whether that place is "
-                    "fixed, and edit it (Chen et al., ICLR 2025).",
-    )
-    parser.add_argument("-v", "--verbose", action="count", default=0)
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _localize_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("localize", help="localize knowledge neurons of one query or a dataset")
     _add_model_args(p)
     _add_data_args(p)
@@ -85,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="run directory (dataset mode)")
     p.add_argument("--overwrite", action="store_true",
                    help="reuse --out even if it was made with another configuration")
+    return p
 
+
+def _consistency_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("consistency", help="CS1/CS2, K_I/K_II, Welch t-test: Table 1 + Figure 3")
     p.add_argument("--run", type=Path, required=True, help="run directory made by localize")
     p.add_argument("--population", default="known", choices=["known", "all"],
@@ -98,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_attr_args(p)
     p.add_argument("--overwrite", action="store_true")
+    return p
 
+
+def _reproduce_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="run every experiment end to end and write report.html")
     _add_model_args(p)
     p.add_argument("--preset", default="quick", help="quick, standard or paper (default: quick)")
@@ -121,7 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the attention experiments (Figures 1, 5, 6, 7, 10)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--overwrite", action="store_true")
+    return p
 
+
+def _modify_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("modify", help="erase/update the knowledge neurons of a run's facts: "
                                       "Rel/Gen/Loc/ΔPPL, Table 2")
     p.add_argument("--run", type=Path, required=True,
@@ -155,7 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "with negative activations too)")
     p.add_argument("--seed", type=int, default=0)
     _add_run_model_args(p)
+    return p
 
+
+def _intervene_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("intervene", help="suppress/enhance KN activations of Self and neighbor "
                                          "sets: ΔProb, Figure 4")
     p.add_argument("--run", type=Path, required=True,
@@ -166,7 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-queries", action="store_true",
                    help="also queries the model does not answer correctly (default: known only)")
     _add_run_model_args(p)
+    return p
 
+
+def _attention_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("attention", help="predominance, knowledge synapses × 0 / × 2: "
                                          "Figures 5, 6 (and heatmaps, Figures 1, 7, 10)")
     p.add_argument("--run", type=Path, required=True,
@@ -184,7 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the heatmaps of a K_I and a K_II fact")
     p.add_argument("--seed", type=int, default=0, help="draw of the unrelated queries")
     _add_run_model_args(p)
+    return p
 
+
+def _heatmap_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("heatmap", help="layer × neuron activation heatmaps of prompts, as is "
                                        "and with their knowledge synapses × 0 / × 2 "
                                        "(Figures 1, 7, 10)")
@@ -205,12 +214,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.3)
     p.add_argument("--out", type=Path, default=Path("heatmap"),
                    help="output directory (default: ./heatmap)")
+    return p
 
+
+def _query_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("query", help="run SQL (DuckDB) over a run's tables")
     p.add_argument("run", type=Path)
     p.add_argument("sql")
+    return p
 
-    sub.add_parser("models", help="list the embedded models and supported architectures")
+
+def _models_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("models", help="list the embedded models and supported architectures")
+    return p
+
+
+PARSERS = (_localize_parser, _consistency_parser, _reproduce_parser, _modify_parser,
+           _intervene_parser, _attention_parser, _heatmap_parser, _query_parser, _models_parser)
+
+
+def _add_common_args(p: argparse.ArgumentParser, *, top: bool = False) -> None:
+    """-v/-q, accepted before and after the subcommand (a subcommand's value wins only when
+    given there)."""
+    default: Any = 0 if top else argparse.SUPPRESS
+    p.add_argument("-v", "--verbose", action="count", default=default)
+    p.add_argument("-q", "--quiet", action="store_true",
+                   default=False if top else argparse.SUPPRESS, help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="knowloc",
+        description="Find where a language model keeps a fact, test whether that place is "
+                    "fixed, and edit it (Chen et al., ICLR 2025).",
+    )
+    _add_common_args(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for build in PARSERS:
+        _add_common_args(build(sub))
     return parser
 
 
