@@ -247,7 +247,7 @@ def reproduce(
         overview=overview_section(fingerprint, p.name, p.description, p.selection, p.population),
         queries=queries, screened=screened, n_layers=model.n_layers,
         consistency=(cres, cshown), modification=mres, mapping=mapping, attention=attention,
-        run_info={"model": model.name, "dataset": config["dataset"]["source"], "sizes": sizes,
+        run_info={"model": model.name, "dataset": facts.source, "sizes": sizes,
                   "timings (s)": timings, "skipped": skipped_items, "config": config})
     print(f"report: {path}")
     return path

@@ -139,7 +139,7 @@ def attend_fact(model: Model, unit: AttentionUnit) -> dict[str, pd.DataFrame]:
         synapse_effect,
     )
 
-    rows = unit.rows
+    rows: Any = unit.rows  # "all" or "last", checked by AttentionConfig.validate
     kns = {m: dict(by_q) for m, by_q in unit.kns}
     irrelevant = dict(unit.irrelevant)
     maps, qrows, erows = [], [], []
@@ -149,7 +149,7 @@ def attend_fact(model: Model, unit: AttentionUnit) -> dict[str, pd.DataFrame]:
         for qid, prompt, answer, known in unit.queries:
             ids = model.encode_prompt(prompt)
             target = model.target_id(prompt, answer)
-            amap = attention_map(model, ids, rows=rows, query_id=qid, fact_id=unit.fact_id)  # type: ignore[arg-type]
+            amap = attention_map(model, ids, rows=rows, query_id=qid, fact_id=unit.fact_id)
             maps.append(amap)
             own = {True: knowledge_synapses(amap, alpha=unit.alpha),
                    False: knowledge_synapses(amap, alpha=unit.alpha, exclude_first=True)}
@@ -157,7 +157,7 @@ def attend_fact(model: Model, unit: AttentionUnit) -> dict[str, pd.DataFrame]:
             irr_sets: dict[bool, Any] = {}
             if irr is not None:
                 if irr[0] not in irr_maps:
-                    irr_maps[irr[0]] = attention_map(model, irr[1], rows=rows)  # type: ignore[arg-type]
+                    irr_maps[irr[0]] = attention_map(model, irr[1], rows=rows)
                 im = irr_maps[irr[0]]
                 irr_sets = {True: knowledge_synapses(im, alpha=unit.alpha),
                             False: knowledge_synapses(im, alpha=unit.alpha, exclude_first=True)}
@@ -181,7 +181,7 @@ def attend_fact(model: Model, unit: AttentionUnit) -> dict[str, pd.DataFrame]:
                     for op, factor in ops:
                         for method, by_q in kns.items():
                             ns = list(by_q.get(qid, ()))
-                            e = synapse_effect(model, ids, target, syn, factor, ns, rows=rows)  # type: ignore[arg-type]
+                            e = synapse_effect(model, ids, target, syn, factor, ns, rows=rows)
                             erows.append({
                                 "method": method, "relation": unit.relation,
                                 "fact_id": unit.fact_id, "query_id": qid, "known": known,

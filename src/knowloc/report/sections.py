@@ -142,12 +142,14 @@ def attention_sections(store: RunStore, mres: ModifyResult | None, ares: Attenti
         pred = ares.figure5
         share = (ares.queries["n_synapses_first"].sum() / max(1, ares.queries["n_synapses"].sum())
                  if len(ares.queries) else float("nan"))
-        fig5 = [(f"Predominance, {method_label(m)} split (Figure 5)", *ashown.figures[f"figure5_{m}"])
-                for m in ares.methods]
-        fig6 = [(("Knowledge synapses as defined, " if variant == "as-defined" else
-                  "Knowledge synapses, position 0 excluded, ")
-                 + f"{method_label(m)} KNs (Figure 6)", *ashown.figures[f"figure6_{m}_{variant}"])
-                for m in ares.methods for variant in ("as-defined", "no-first")]
+        what = {"as-defined": " as defined", "no-first": ", position 0 excluded"}
+        fig5: list[tuple[str, Path, Path | None]] = [
+            (f"Predominance, {method_label(m)} split (Figure 5)", *ashown.figures[f"figure5_{m}"])
+            for m in ares.methods]
+        fig6: list[tuple[str, Path, Path | None]] = [
+            (f"Knowledge synapses{what[v]}, {method_label(m)} KNs (Figure 6)",
+             *ashown.figures[f"figure6_{m}_{v}"])
+            for m in ares.methods for v in ("as-defined", "no-first")]
         sections.append(Section(
             title="Dynamic KN selection: predominance (Figure 5)",
             html=(
