@@ -11,7 +11,6 @@ import math
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from tiny import tiny_model
@@ -525,46 +524,6 @@ def test_heatmap_frame(models):
     assert not np.allclose(sup["activation"].to_numpy(), none["activation"].to_numpy())
     with pytest.raises(ConfigError):
         heatmap_frame(m, [PROMPT], conditions=("sideways",))
-
-
-# ============================================================================== plots
-def test_attention_plots_write_png_and_csv(tmp_path, models):
-    from knowloc.plots_attention import (
-        activation_heatmaps,
-        bars_synapse_effects,
-        violin_predominance,
-    )
-
-    m = models["gpt2"]
-    frame = heatmap_frame(m, [PROMPT, OTHER], conditions=("none", "suppress", "enhance"))
-    frame["is_kn"] = (frame["layer"] == 2) & (frame["neuron"] < 3)
-    png = activation_heatmaps(frame, tmp_path / "fig10.png", title="tiny")
-    assert png.stat().st_size > 0
-    csv = pd.read_csv(tmp_path / "fig10.csv")
-    assert len(csv) == len(frame) and set(csv["condition"]) == {"none", "suppress", "enhance"}
-
-    pred = pd.DataFrame({
-        "fact_id": ["a", "b", "c", "a", "b", "c"],
-        "kind": ["K_I", "K_II", "K_II", "K_I", "K_II", "K_II"],
-        "first": [True, True, True, False, False, False],
-        "P": [1.0, 1.0, 1.0, 0.5, 0.25, float("nan")],
-    })
-    violin_predominance(pred, tmp_path / "fig5.png")
-    assert len(pd.read_csv(tmp_path / "fig5.csv")) == 5
-
-    eff = pd.DataFrame({
-        "kind": ["K_I"] * 4 + ["K_II"] * 4,
-        "synapses": ["self", "self", "irrelevant", "irrelevant"] * 2,
-        "operation": ["sup", "enh"] * 4,
-        "delta_value": [0.4, 0.2, 0.1, 0.0, 0.6, 0.4, 0.1, 0.1],
-        "delta_prob": [0.8, 0.6, 0.2, 0.0, 0.9, 0.7, 0.3, 0.1],
-    })
-    bars_synapse_effects(eff, tmp_path / "fig6.png")
-    summary = pd.read_csv(tmp_path / "fig6.csv")
-    row = summary[(summary.kind == "K_II") & (summary.synapses == "self")
-                  & (summary.operation == "avg") & (summary.metric == "delta_prob")]
-    assert float(row["value"].iloc[0]) == pytest.approx(0.8)
-    assert len(summary) == 2 * 2 * 3 * 2
 
 
 # ===================================================================== real model (slow)

@@ -123,7 +123,8 @@ def test_attention_rerun_computes_nothing(analyzed, capsys):
 
 # ----------------------------------------------------------------------------- CAS, Table 3
 def test_modify_cas_table3_subsets_and_resume(run, capsys):
-    from knowloc.experiments import _attribution_maps, _read_run, cas_set
+    from knowloc.pipeline.modify import cas_set
+    from knowloc.pipeline.run import attribution_maps, read_run
     from knowloc.store import RunStore
 
     args = ["-q", "modify", "--run", str(run), "--set", "local,global,cas", "--ppl-pool", "6",
@@ -142,8 +143,8 @@ def test_modify_cas_table3_subsets_and_resume(run, capsys):
     # CAS sets: subsets of the union of the fact's query sets, non-empty when it has KNs
     model = _model(run)
     store = RunStore(run, create=False)
-    facts = _read_run(store, None, 0.1)
-    att = _attribution_maps(store, facts.methods)
+    facts = read_run(store, None, 0.1)
+    att = attribution_maps(store, facts.methods)
     ok = edits[(edits["set"] == "cas") & (edits["status"] == "ok")]
     n_checked = 0
     for sp in facts.split.itertuples():
@@ -181,8 +182,8 @@ def test_cas_set_falls_back_to_the_best_candidate():
     """With queries whose KNs are disjoint, no CAS is positive (k >= 7): still non-empty."""
     import numpy as np
 
-    from knowloc.experiments import cas_set
     from knowloc.neurons import consistency_aware_scores
+    from knowloc.pipeline.modify import cas_set
 
     k, att, neurons = 8, {}, {}
     for i in range(k):

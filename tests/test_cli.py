@@ -90,6 +90,35 @@ def test_errors_before_any_model_is_loaded(argv, match, capsys, tmp_path, no_mod
     assert not run.exists()  # no run directory left behind
 
 
+@pytest.mark.parametrize("command", [
+    ["localize", "--prompt", "x", "--answer", "y"],
+    ["reproduce", "--out", "RUN"],
+    ["heatmap", "--prompt", "x", "--answer", "y"],
+])
+def test_method_names_come_from_the_registry_at_call_time(command, monkeypatch, capsys, tmp_path,
+                                                          no_model_load):
+    """A method registered after import is offered; the check is not frozen into argparse."""
+    import knowloc.attribution
+
+    names = knowloc.attribution.method_names()
+    monkeypatch.setattr(knowloc.attribution, "method_names", lambda: (*names, "toy"))
+    argv = [str(tmp_path / "run") if a == "RUN" else a for a in command]
+    assert main(["-q", *argv, "--method", "nope"]) == 2
+    one_line_error(capsys.readouterr().err, r"unknown attribution method 'nope'; choose from "
+                                            r"ig, sig, amig, toy")
+
+
+def test_common_options_before_and_after_the_subcommand():
+    from knowloc.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["models"]).quiet is False
+    assert parser.parse_args(["-q", "models"]).quiet is True
+    assert parser.parse_args(["models", "-q"]).quiet is True
+    assert parser.parse_args(["localize", "-vv"]).verbose == 2
+    assert parser.parse_args(["-v", "consistency", "--run", "r"]).verbose == 1
+
+
 def test_query_on_a_missing_run_dir(capsys, tmp_path):
     rc = main(["query", str(tmp_path / "nope"), "select 1"])
     _, err = capsys.readouterr()

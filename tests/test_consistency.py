@@ -1,9 +1,8 @@
-"""Tests for knowloc.consistency (CS1/CS2, Otsu, Welch, Table 1) and knowloc.plots."""
+"""Tests for knowloc.consistency (CS1/CS2, Otsu, Welch, Table 1)."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -28,7 +27,6 @@ from knowloc.consistency import (
     welch_t,
 )
 from knowloc.errors import ConfigError, DataError
-from knowloc.plots import natural_key, save_figure, violin_cs2
 
 # neuron ids used in hand-made sets: (layer, neuron)
 A, B, C, D = (0, 1), (0, 2), (3, 7), (5, 1)
@@ -423,73 +421,3 @@ def test_pipeline_scores_to_table1() -> None:
     t1 = table1(s)
     assert len(t1) == 6 and (t1.n_facts == 40).all()
     assert (t1.S_I > t1.S_II).all() and (t1.t > 0).all()
-
-
-# ------------------------------------------------------------------------------ plots
-def test_natural_key() -> None:
-    assert sorted(["P101", "P17", "P1001", "P2"], key=natural_key) == ["P2", "P17", "P101", "P1001"]
-
-
-def test_violin_writes_png_and_csv(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    rows = []
-    for r in ("P101", "P17", "P30"):
-        for i in range(25):
-            rows.append(
-                {
-                    "method": "ig",
-                    "relation": r,
-                    "fact_id": f"{r}-{i}",
-                    "cs2": float(np.clip(rng.beta(1, 6), 0, 1)),
-                    "skipped": None,
-                }
-            )
-    rows.append(
-        {"method": "ig", "relation": "P9", "fact_id": "lonely", "cs2": 0.4, "skipped": None}
-    )
-    rows.append(
-        {
-            "method": "ig",
-            "relation": "P9",
-            "fact_id": "skipped",
-            "cs2": np.nan,
-            "skipped": SKIP_FEW_QUERIES,
-        }
-    )
-    rows.append(
-        {"method": "sig", "relation": "P17", "fact_id": "other", "cs2": 0.2, "skipped": None}
-    )
-    df = pd.DataFrame(rows)
-
-    png = violin_cs2(df, "ig", tmp_path / "fig" / "violin_ig.png", threshold=0.1)
-    assert png == tmp_path / "fig" / "violin_ig.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    csv = pd.read_csv(png.with_suffix(".csv"), dtype={"relation": str, "fact_id": str})
-    assert list(csv.columns) == ["relation", "fact_id", "cs2"]
-    expected = df[(df.method == "ig") & df.skipped.isna()]
-    assert len(csv) == len(expected)
-    assert set(csv.fact_id) == set(expected.fact_id)
-    merged = csv.merge(expected, on="fact_id", suffixes=("", "_in"))
-    assert np.allclose(merged.cs2, merged.cs2_in) and (merged.relation == merged.relation_in).all()
-    assert list(dict.fromkeys(csv.relation)) == ["P9", "P17", "P30", "P101"]
-    assert not [p for p in png.parent.iterdir() if p.name.startswith(".")]  # no temp files
-
-    with pytest.raises(ConfigError):
-        violin_cs2(df, "amig", tmp_path / "x.png", threshold=0.1)
-    with pytest.raises(ConfigError):
-        violin_cs2(df, "ig", tmp_path / "x.pdf", threshold=0.1)
-    # a method with nothing to plot still gives a (annotated) figure and an empty CSV
-    only_skipped = df.assign(method="ig", skipped=SKIP_EMPTY_UNION)
-    p2 = violin_cs2(only_skipped, "ig", tmp_path / "empty.png", threshold=0.1)
-    assert p2.exists() and pd.read_csv(p2.with_suffix(".csv")).empty
-
-
-def test_save_figure(tmp_path: Path) -> None:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(2, 2))
-    fig.add_subplot(1, 1, 1).plot([0, 1], [1, 0])
-    data = pd.DataFrame({"x": [0, 1], "y": [1, 0]})
-    out = save_figure(fig, tmp_path / "a" / "b" / "line.png", data)
-    assert out.exists() and out.stat().st_size > 0
-    pd.testing.assert_frame_equal(pd.read_csv(out.with_suffix(".csv")), data)

@@ -53,9 +53,9 @@ def test_modify_writes_table2_and_resumes(run, capsys):
 
 
 def test_modify_stage_leaves_the_model_untouched(run):
-    from knowloc.experiments import ModifyConfig, modify
     from knowloc.interventions.weights import weights_digest
     from knowloc.models import load_model
+    from knowloc.pipeline.modify import ModifyConfig, modify
     from knowloc.store import RunStore
 
     cfg = __import__("yaml").safe_load((run / "config.yaml").read_text())

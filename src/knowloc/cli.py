@@ -47,7 +47,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 def _add_attr_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("attribution")
     g.add_argument("--method", type=_csv, default=["ig"],
-                   help="comma-separated: ig, sig, amig (default: ig)")
+                   help=f"comma-separated: {_method_list()} (default: ig)")
     g.add_argument("--n-steps", type=int, default=20)
     g.add_argument("--sig-mode", default="mean", choices=["mean", "per_token"])
     g.add_argument("--threshold", type=float, default=0.2,
@@ -65,16 +65,7 @@ def _add_run_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="knowloc",
-        description="Find where a language model keeps a fact, test whether that place is "
-                    "fixed, and edit it (Chen et al., ICLR 2025).",
-    )
-    parser.add_argument("-v", "--verbose", action="count", default=0)
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _localize_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("localize", help="localize knowledge neurons of one query or a dataset")
     _add_model_args(p)
     _add_data_args(p)
@@ -85,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="run directory (dataset mode)")
     p.add_argument("--overwrite", action="store_true",
                    help="reuse --out even if it was made with another configuration")
+    return p
 
+
+def _consistency_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("consistency", help="CS1/CS2, K_I/K_II, Welch t-test: Table 1 + Figure 3")
     p.add_argument("--run", type=Path, required=True, help="run directory made by localize")
     p.add_argument("--population", default="known", choices=["known", "all"],
@@ -98,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_attr_args(p)
     p.add_argument("--overwrite", action="store_true")
+    return p
 
+
+def _reproduce_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="run every experiment end to end and write report.html")
     _add_model_args(p)
     p.add_argument("--preset", default="quick", help="quick, standard or paper (default: quick)")
@@ -121,7 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the attention experiments (Figures 1, 5, 6, 7, 10)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--overwrite", action="store_true")
+    return p
 
+
+def _modify_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("modify", help="erase/update the knowledge neurons of a run's facts: "
                                       "Rel/Gen/Loc/ΔPPL, Table 2")
     p.add_argument("--run", type=Path, required=True,
@@ -155,7 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "with negative activations too)")
     p.add_argument("--seed", type=int, default=0)
     _add_run_model_args(p)
+    return p
 
+
+def _intervene_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("intervene", help="suppress/enhance KN activations of Self and neighbor "
                                          "sets: ΔProb, Figure 4")
     p.add_argument("--run", type=Path, required=True,
@@ -166,7 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-queries", action="store_true",
                    help="also queries the model does not answer correctly (default: known only)")
     _add_run_model_args(p)
+    return p
 
+
+def _attention_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("attention", help="predominance, knowledge synapses × 0 / × 2: "
                                          "Figures 5, 6 (and heatmaps, Figures 1, 7, 10)")
     p.add_argument("--run", type=Path, required=True,
@@ -184,7 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the heatmaps of a K_I and a K_II fact")
     p.add_argument("--seed", type=int, default=0, help="draw of the unrelated queries")
     _add_run_model_args(p)
+    return p
 
+
+def _heatmap_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("heatmap", help="layer × neuron activation heatmaps of prompts, as is "
                                        "and with their knowledge synapses × 0 / × 2 "
                                        "(Figures 1, 7, 10)")
@@ -194,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--answer", action="append", required=True,
                    help="gold answer: one for all prompts or one per --prompt")
     p.add_argument("--method", default="ig",
-                   help="method localizing the KNs to circle (ig, sig, amig) or none "
+                   help=f"method localizing the KNs to circle ({_method_list()}) or none "
                         "(default: ig)")
     p.add_argument("--n-steps", type=int, default=20)
     p.add_argument("--threshold", type=float, default=0.2,
@@ -205,12 +214,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.3)
     p.add_argument("--out", type=Path, default=Path("heatmap"),
                    help="output directory (default: ./heatmap)")
+    return p
 
+
+def _query_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("query", help="run SQL (DuckDB) over a run's tables")
     p.add_argument("run", type=Path)
     p.add_argument("sql")
+    return p
 
-    sub.add_parser("models", help="list the embedded models and supported architectures")
+
+def _models_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("models", help="list the embedded models and supported architectures")
+    return p
+
+
+PARSERS = (_localize_parser, _consistency_parser, _reproduce_parser, _modify_parser,
+           _intervene_parser, _attention_parser, _heatmap_parser, _query_parser, _models_parser)
+
+
+def _add_common_args(p: argparse.ArgumentParser, *, top: bool = False) -> None:
+    """-v/-q, accepted before and after the subcommand (a subcommand's value wins only when
+    given there)."""
+    default: Any = 0 if top else argparse.SUPPRESS
+    p.add_argument("-v", "--verbose", action="count", default=default)
+    p.add_argument("-q", "--quiet", action="store_true",
+                   default=False if top else argparse.SUPPRESS, help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="knowloc",
+        description="Find where a language model keeps a fact, test whether that place is "
+                    "fixed, and edit it (Chen et al., ICLR 2025).",
+    )
+    _add_common_args(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for build in PARSERS:
+        _add_common_args(build(sub))
     return parser
 
 
@@ -252,11 +293,25 @@ def _selection(args):
     return Selection(args.selection, value).validate()
 
 
-def cmd_localize(args) -> int:
-    from .attribution import AttributionConfig
+def _method_list() -> str:
+    from .attribution import method_names
 
-    for m in args.method:
-        AttributionConfig(method=m, n_steps=args.n_steps, sig_mode=args.sig_mode).validate()
+    return ", ".join(method_names())
+
+
+def _check_methods(methods: Sequence[str], **config: Any) -> None:
+    """Every name registered now (a method registered after import counts), and its
+    attribution config valid."""
+    from .attribution import AttributionConfig, method_names
+
+    for m in methods:
+        if m not in method_names():
+            raise ConfigError(f"unknown attribution method {m!r}; choose from {_method_list()}")
+        AttributionConfig(method=m, **config).validate()
+
+
+def cmd_localize(args) -> int:
+    _check_methods(args.method, n_steps=args.n_steps, sig_mode=args.sig_mode)
     selection = _selection(args)
     if args.prompt or args.answer:
         if not (args.prompt and args.answer):
@@ -270,6 +325,7 @@ def cmd_localize(args) -> int:
 def _localize_one(args, selection) -> int:
     from .attribution import attribute
     from .neurons import neurons_frame
+    from .report.figures import method_label
 
     model = _load(args)
     for method in args.method:
@@ -280,7 +336,7 @@ def _localize_one(args, selection) -> int:
         dt = time.time() - t
         kn = neurons_frame(attr, selection)
         answer_tok = model.tokenizer.decode([attr.target_id])
-        print(f"\n{method.upper()}  {args.prompt!r} -> {answer_tok!r}")
+        print(f"\n{method_label(method)}  {args.prompt!r} -> {answer_tok!r}")
         print(f"  P(answer) = {attr.prob:.4f}   top-1 = {attr.predicted!r} "
               f"({'correct' if attr.top1 else 'not the answer'})   {dt:.1f} s")
         print(f"  knowledge neurons ({selection.mode} threshold {selection.value}): {len(kn)}")
@@ -294,7 +350,8 @@ def _localize_one(args, selection) -> int:
 
 def _localize_dataset(args, selection) -> int:
     from .data import load_facts, with_context
-    from .experiments import LocalizeConfig, localize, model_fingerprint, seed_everything
+    from .pipeline.localize import LocalizeConfig, localize
+    from .pipeline.run import model_fingerprint, seed_everything
     from .store import RunStore, environment_info
 
     facts = load_facts(args.dataset, relations=args.relations,
@@ -337,23 +394,23 @@ def _localize_dataset(args, selection) -> int:
 
 
 def cmd_consistency(args) -> int:
-    from .attribution import AttributionConfig
-    from .experiments import consistency
+    from .pipeline.consistency import consistency
+    from .report.stages import present_consistency
     from .store import RunStore
 
     if args.localize:
         args.out = args.run
-        for m in args.method:
-            AttributionConfig(method=m, n_steps=args.n_steps, sig_mode=args.sig_mode).validate()
+        _check_methods(args.method, n_steps=args.n_steps, sig_mode=args.sig_mode)
         _localize_dataset(args, _selection(args))
     if not (args.run / "config.yaml").exists():
         raise ConfigError(f"{args.run} is not a knowloc run directory (no config.yaml); "
                           "run `knowloc localize --dataset ... --out RUN` first")
-    res = consistency(RunStore(args.run, create=False), population=args.population,
-                      static_threshold=args.static_threshold)
-    print(res.table1_md)
+    store = RunStore(args.run, create=False)
+    shown = present_consistency(store, consistency(store, population=args.population,
+                                                   static_threshold=args.static_threshold))
+    print(shown.markdown["table1"])
     print(f"\nwrote {args.run / 'table1.md'}, table1.csv, consistency.parquet and "
-          f"{len(res.figures)} violin plot(s) under {args.run / 'figures'}")
+          f"{len(shown.figures)} violin plot(s) under {args.run / 'figures'}")
     return 0
 
 
@@ -372,7 +429,7 @@ def _open_run_for_editing(args) -> tuple[Any, dict]:
 
 def _load_run_model(args, config: dict) -> Any:
     from .errors import RunError
-    from .experiments import model_fingerprint
+    from .pipeline.run import model_fingerprint
 
     stored = config.get("model", {}) or {}
     args.model = args.model or stored.get("name")
@@ -396,7 +453,8 @@ def _record_stage_config(store, section: str, values: dict) -> None:
 
 def cmd_modify(args) -> int:
     from .evaluation import load_ppl_corpus
-    from .experiments import ModifyConfig, modify
+    from .pipeline.modify import ModifyConfig, modify
+    from .report.stages import present_modification
 
     cfg = ModifyConfig(ops=args.op, sets=args.edit_set, methods=args.method,
                        split_threshold=args.split_threshold, n_locality=args.n_locality,
@@ -410,26 +468,30 @@ def cmd_modify(args) -> int:
              "not WikiText-2")
     model = _load_run_model(args, config)
     res = modify(model, store, cfg, ppl_text=args.ppl_text, progress=not args.quiet)
+    shown = present_modification(store, res)
     _record_stage_config(store, "modify", {**cfg.as_dict(), "ppl": res.ppl})
-    print(res.table2_md)
-    if res.table3_md:
-        print("\n" + res.table3_md)
+    print(shown.markdown["table2"])
+    if "table3" in shown.markdown:
+        print("\n" + shown.markdown["table3"])
     print(f"\nedited {res.computed} unit(s) ({res.skipped_done} already done) in "
           f"{res.seconds:.1f} s; wrote {args.run / 'table2.md'}, table2.csv, "
-          + ("table3.md, table3.csv, " if res.table3_md else "") + "edits.parquet, "
-          "metrics.parquet")
+          + ("table3.md, table3.csv, " if "table3" in shown.markdown else "")
+          + "edits.parquet, metrics.parquet")
     return 0
 
 
 def cmd_intervene(args) -> int:
-    from .experiments import MappingConfig, _parse_threshold, query_kn_mapping
+    from .pipeline.mapping import MappingConfig, query_kn_mapping
+    from .pipeline.run import parse_threshold
+    from .report.stages import present_mapping
 
     cfg = MappingConfig(methods=args.method,
-                        split_threshold=_parse_threshold(args.split_threshold),
+                        split_threshold=parse_threshold(args.split_threshold),
                         enhance=args.enhance, only_known=not args.all_queries)
     store, config = _open_run_for_editing(args)
     model = _load_run_model(args, config)
     res = query_kn_mapping(model, store, cfg, progress=not args.quiet)
+    shown = present_mapping(store, res)
     _record_stage_config(store, "intervene", cfg.as_dict())
     import pandas as pd
 
@@ -438,12 +500,13 @@ def cmd_intervene(args) -> int:
                            "n_empty"]].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print(f"\nintervened on {res.computed} fact(s) ({res.skipped_done} already done) in "
           f"{res.seconds:.1f} s; wrote {args.run / 'figure4.csv'}, interventions.parquet and "
-          f"{len(res.figures)} figure(s) under {args.run / 'figures'}")
+          f"{len(shown.figures)} figure(s) under {args.run / 'figures'}")
     return 0
 
 
 def cmd_attention(args) -> int:
-    from .experiments import AttentionConfig, attention_experiment
+    from .pipeline.attention import AttentionConfig, attention_experiment
+    from .report.stages import present_attention
 
     cfg = AttentionConfig(methods=args.method, split_threshold=args.split_threshold,
                           alpha=args.alpha, enhance=args.enhance,
@@ -452,6 +515,7 @@ def cmd_attention(args) -> int:
     model = _load_run_model(args, config)
     res = attention_experiment(model, store, cfg, heatmaps=not args.no_heatmaps,
                                progress=not args.quiet)
+    shown = present_attention(store, res)
     _record_stage_config(store, "attention", cfg.as_dict())
     import pandas as pd
 
@@ -467,15 +531,16 @@ def cmd_attention(args) -> int:
     print(f"\nanalyzed {res.computed} fact(s) ({res.skipped_done} already done) in "
           f"{res.seconds:.1f} s; wrote figure5.csv, figure6.csv, predominance.parquet, "
           f"attention_queries.parquet, synapse_effects.parquet and "
-          f"{len(res.figures) + sum(len(v) for v in res.heatmaps.values())} figure(s) under "
+          f"{len(shown.figures) + sum(len(v) for v in shown.heatmaps.values())} figure(s) under "
           f"{args.run / 'figures'}")
     return 0
 
 
 def cmd_heatmap(args) -> int:
-    from .attribution import AttributionConfig, attribute
-    from .experiments import heatmap_figures, heatmap_table
+    from .attribution import attribute
     from .neurons import Selection, knowledge_neurons
+    from .pipeline.attention import heatmap_table
+    from .report.figures import heatmap_figures, method_label
 
     prompts, answers = list(args.prompt), list(args.answer)
     if len(answers) == 1:
@@ -486,7 +551,7 @@ def cmd_heatmap(args) -> int:
     if args.neurons < 1:
         raise ConfigError("--neurons must be >= 1")
     if args.method != "none":
-        AttributionConfig(method=args.method, n_steps=args.n_steps).validate()
+        _check_methods([args.method], n_steps=args.n_steps)
     Selection("relative", args.threshold).validate()
     model = _load(args)
     neurons, labels = [], []
@@ -501,7 +566,7 @@ def cmd_heatmap(args) -> int:
         neurons.append(kn)
         labels.append(f"q{i + 1}: {prompt[-40:]} → {answer}")
         _say(f"q{i + 1}: P({answer!r}) = {p:.4f}"
-             + (f", {len(kn)} knowledge neuron(s) ({args.method.upper()})"
+             + (f", {len(kn)} knowledge neuron(s) ({method_label(args.method)})"
                 if args.method != "none" else ""))
     table = heatmap_table(model, prompts, labels, neurons, alpha=args.alpha,
                           n_neurons=args.neurons)
@@ -524,10 +589,7 @@ def cmd_reproduce(args) -> int:
         modify=False if args.no_modify else None,
         attention=False if args.no_attention else None,
     )
-    from .attribution import AttributionConfig
-
-    for m in preset.methods:
-        AttributionConfig(method=m, n_steps=preset.n_steps).validate()
+    _check_methods(preset.methods, n_steps=preset.n_steps)
     reproduce(args.out, model=args.model, preset=preset, device=args.device,
               dtype=args.dtype, seed=args.seed, overwrite=args.overwrite,
               progress=not args.quiet, ppl_text=args.ppl_text)

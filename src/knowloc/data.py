@@ -655,3 +655,9 @@ def with_context(facts: FactSet, context: str | None) -> FactSet:
         for f in facts.facts
     ]
     return replace(facts, facts=new)
+
+
+def natural_key(s: object) -> tuple[object, ...]:
+    """Sort key that orders embedded numbers numerically (``P17`` before ``P101``)."""
+    parts = re.split(r"(\d+)", str(s))
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts if p != "")

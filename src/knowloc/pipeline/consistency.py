@@ -1,0 +1,72 @@
+"""The consistency stage: CS1/CS2 per fact and method, the K_I/K_II split and Table 1.
+
+Reads the ``queries`` and ``neuron_sets`` tables of a run and stores ``consistency``. Its one
+unit (key ``all``) depends on every localized query, so it is computed again on every call.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from .. import consistency as cons
+from ..errors import RunError
+from ..store import RunStore
+from .units import Executor, Unit, run_units
+
+log = logging.getLogger(__name__)
+
+CONSISTENCY_SORT = ["method", "fact_id"]
+
+
+@dataclass
+class ConsistencyResult:
+    scores: pd.DataFrame
+    table1: pd.DataFrame
+    skipped: pd.DataFrame
+    static_threshold: float
+
+
+@dataclass(frozen=True)
+class ConsistencyUnit:
+    """The payload of the consistency unit: the tables it reads."""
+
+    queries: pd.DataFrame
+    neurons: pd.DataFrame
+    population: str
+
+
+def consistency_scores(model: Any, unit: ConsistencyUnit) -> dict[str, pd.DataFrame]:
+    """CS1/CS2 and the skip reason of every fact and method (``model`` is not used)."""
+    return {"consistency": cons.consistency_scores(unit.queries, unit.neurons,
+                                                   population=unit.population)}
+
+
+def consistency(store: RunStore, *, population: str = "known", static_threshold: float = 0.1,
+                query_ids: set[str] | None = None,
+                executor: Executor | None = None) -> ConsistencyResult:
+    """CS1/CS2 per fact and method, K_I/K_II splits, Welch's t-test and Table 1.
+
+    Writes ``consistency.parquet``; :func:`knowloc.report.stages.present_consistency` writes
+    Table 1 and the violin plots.
+    """
+    queries = store.table("queries")
+    neurons = store.table("neuron_sets")
+    if query_ids is not None:
+        queries = queries[queries["query_id"].isin(query_ids)]
+        neurons = neurons[neurons["query_id"].isin(query_ids)] if len(neurons) else neurons
+    if queries.empty:
+        raise RunError(f"run {store.root} has no localized queries; run `knowloc localize` first")
+    if neurons.empty:
+        neurons = pd.DataFrame(columns=["method", "fact_id", "relation", "query_id", "layer",
+                                        "neuron", "attribution"])
+    run_units([Unit("all", ConsistencyUnit(queries, neurons, population))], consistency_scores,
+              store, model=None, marker="consistency",
+              consolidate={"consistency": CONSISTENCY_SORT}, executor=executor,
+              desc="consistency", unit_name="run", progress=False, resume=False)
+    scores = store.get("consistency", "all")
+    t1 = cons.table1(scores, thresholds=(("St", static_threshold), ("Ot", "otsu")))
+    return ConsistencyResult(scores, t1, cons.skipped_summary(scores), static_threshold)

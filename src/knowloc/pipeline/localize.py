@@ -1,0 +1,276 @@
+"""Screening and localization: which facts the model knows, and the knowledge neurons of
+their queries.
+
+Stage tables (Parquet, under ``<run>/parts/<table>/<key>.parquet`` while running and
+``<run>/<table>.parquet`` once consolidated):
+
+* ``screen``       one row per screened query: P(answer), the model's top-1, known
+* ``queries``      one row per (method, query): probability, prediction, known, |N_i|
+* ``neuron_sets``  one row per knowledge neuron of a query (layer, neuron, attribution, ...)
+* ``attributions`` the top ``keep_top`` attribution scores of each query (for CAS and plots)
+* ``timings``      wall-clock seconds per (method, query), apart so results stay byte-identical
+
+Each (model, prompt, answer, method config) is a content-hashed work unit: a rerun skips
+finished units, an interrupted run resumes, nothing is computed twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch
+
+from ..attribution import AttributionConfig, attribute
+from ..data import Fact, FactSet, Query
+from ..models import Model
+from ..models.forward import next_token_probs
+from ..neurons import Selection, neurons_frame
+from ..store import RunStore, content_hash
+from .run import model_fingerprint, with_ident
+from .units import Executor, Unit, run_units
+
+log = logging.getLogger(__name__)
+
+QUERY_SORT = ["method", "relation", "fact_id", "query_id"]
+NEURON_SORT = ["method", "relation", "fact_id", "query_id", "rank"]
+LOCALIZE_TABLES: dict[str, Sequence[str] | None] = {
+    "queries": QUERY_SORT, "timings": QUERY_SORT, "neuron_sets": NEURON_SORT,
+    "attributions": NEURON_SORT}
+
+
+# ------------------------------------------------------------------------ screening
+def screen_key(model: Model, fact: Fact) -> str:
+    """The unit key of screening one fact (all its queries)."""
+    return content_hash({"model": model_fingerprint(model), "stage": "screen",
+                         "queries": [(q.prompt, q.answer) for q in fact.queries]})
+
+
+@torch.no_grad()
+def screen_fact(model: Model, fact: Fact) -> dict[str, pd.DataFrame]:
+    """Forward passes for a fact's queries, batched by token length, logits at the end only:
+    the ``screen`` rows of the fact."""
+    encoded = [(q, model.encode_prompt(q.prompt), model.target_id(q.prompt, q.answer))
+               for q in fact.queries]
+    by_len: dict[int, list[int]] = {}
+    for i, (_, ids, _) in enumerate(encoded):
+        by_len.setdefault(len(ids), []).append(i)
+    probs: dict[int, torch.Tensor] = {}
+    for idx in by_len.values():
+        x = torch.tensor([encoded[i][1] for i in idx], device=model.device)
+        for i, row in zip(idx, next_token_probs(model, x)):
+            probs[i] = row
+    rows = []
+    for i, (q, _, target) in enumerate(encoded):
+        p = probs[i]
+        pred = int(p.argmax())
+        rows.append({"relation": q.relation, "fact_id": q.fact_id, "query_id": q.query_id,
+                     "prompt": q.prompt, "answer": q.answer, "target_id": target,
+                     "prob": float(p[target]), "predicted": model.tokenizer.decode([pred]),
+                     "known": pred == target})
+    return {"screen": pd.DataFrame(rows)}
+
+
+def screen(model: Model, facts: FactSet, store: RunStore, *, progress: bool = True,
+           known_per_relation: int | None = None, max_per_relation: int | None = None,
+           executor: Executor | None = None) -> pd.DataFrame:
+    """One forward pass per query: P(answer), the model's top-1 and whether it is the answer.
+
+    Cheap (no gradients); it decides the consistency population (METHODS §2: facts whose
+    answer is top-1 on at least one query) before any attribution is spent on them.
+    Stored per fact in the ``screen`` table. With ``known_per_relation``, each relation's
+    facts are screened in order until that many of them are known; ``max_per_relation``
+    caps the number of facts screened per relation.
+
+    The units run in waves: each wave takes, for every relation still short of
+    ``known_per_relation`` known facts by n, its next n unscreened facts (all of them without
+    a quota). That screens exactly the facts a one-by-one loop would: until the last fact of
+    a wave is screened, the relation cannot have reached its quota.
+    """
+    by_rel: dict[str, list[Fact]] = {}
+    for fact in facts:
+        by_rel.setdefault(fact.relation, []).append(fact)
+    if max_per_relation is not None:
+        by_rel = {r: fs[:max_per_relation] for r, fs in by_rel.items()}
+    pos = dict.fromkeys(by_rel, 0)
+    known = dict.fromkeys(by_rel, 0)
+    wave = 0
+    while True:
+        batch: list[Fact] = []
+        for rel, fs in by_rel.items():
+            n = len(fs) - pos[rel]
+            if known_per_relation is not None:
+                n = min(n, known_per_relation - known[rel])
+            batch += fs[pos[rel]:pos[rel] + max(n, 0)]
+            pos[rel] += max(n, 0)
+        if not batch:
+            break
+        wave += 1
+        units = [Unit(screen_key(model, f), f, f"{f.relation} {f.fact_id}") for f in batch]
+        run_units(units, screen_fact, store, model=model, marker="screen", executor=executor,
+                  desc="screening" if wave == 1 else f"screening (wave {wave})",
+                  unit_name="fact", progress=progress)
+        for unit, fact in zip(units, batch):
+            if bool(store.get("screen", unit.key)["known"].any()):
+                known[fact.relation] += 1
+    table = store.table("screen")
+    ids = {q.query_id for q in facts.queries()}
+    return table[table["query_id"].isin(ids)].reset_index(drop=True)
+
+
+def select_population(facts: FactSet, screened: pd.DataFrame, *, population: str = "known",
+                      known_per_relation: int | None = None) -> tuple[FactSet, dict[str, int]]:
+    """The facts to localize: all, or those known (top-1) on at least one query.
+
+    ``known_per_relation`` keeps at most that many population facts per relation (in the
+    source's order). Returns the subset and the number of facts each filter removed.
+    """
+    if population not in ("known", "all"):
+        raise ValueError(f"population must be 'known' or 'all' (got {population!r})")
+    known_facts = set(screened.loc[screened["known"].astype(bool), "fact_id"])
+    seen = set(screened["fact_id"])
+    kept: list = []
+    removed = {"not screened (relation's quota of known facts reached, or screen cap)": 0,
+               "not known by the model": 0, "beyond known_per_relation": 0}
+    per_rel: dict[str, int] = {}
+    for f in facts:
+        if f.fact_id not in seen:
+            removed["not screened (relation's quota of known facts reached, or screen cap)"] += 1
+            continue
+        if population == "known" and f.fact_id not in known_facts:
+            removed["not known by the model"] += 1
+            continue
+        if known_per_relation is not None and per_rel.get(f.relation, 0) >= known_per_relation:
+            removed["beyond known_per_relation"] += 1
+            continue
+        per_rel[f.relation] = per_rel.get(f.relation, 0) + 1
+        kept.append(f)
+    subset = FactSet(facts=kept, source=facts.source, skipped=dict(facts.skipped),
+                     relations=sorted({f.relation for f in kept}),
+                     relation_labels=getattr(facts, "relation_labels", {}))
+    return subset, {k: v for k, v in removed.items() if v}
+
+
+# --------------------------------------------------------------------- localization
+@dataclass
+class LocalizeConfig:
+    methods: Sequence[str] = ("ig",)
+    n_steps: int = 20
+    sig_mode: str = "mean"
+    selection: Selection = field(default_factory=Selection)
+    keep_top: int = 200
+    internal_batch_size: int | None = None
+    memory_budget_gb: float = 2.0
+
+    def attribution_configs(self) -> list[AttributionConfig]:
+        return [
+            AttributionConfig(method=m, n_steps=self.n_steps, sig_mode=self.sig_mode).validate()
+            for m in self.methods
+        ]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "methods": list(self.methods),
+            "n_steps": self.n_steps,
+            "sig_mode": self.sig_mode,
+            "selection": self.selection.as_dict(),
+            "keep_top": self.keep_top,
+        }
+
+
+def unit_key(model: Model, query: Query, cfg: AttributionConfig, selection: Selection) -> str:
+    """The unit key of localizing one query with one method."""
+    return content_hash(
+        {
+            "model": model_fingerprint(model),
+            "prompt": query.prompt,
+            "answer": query.answer,
+            "attribution": cfg.as_dict(),
+            "selection": selection.as_dict(),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class LocalizeUnit:
+    """The payload of one localization unit."""
+
+    query: Query
+    attribution: AttributionConfig
+    selection: Selection
+    keep_top: int
+    internal_batch_size: int | None
+    memory_budget_gb: float
+
+
+def localize_query(model: Model, unit: LocalizeUnit) -> dict[str, pd.DataFrame]:
+    """Attribution of one query: its knowledge neurons, top scores, timing and queries row."""
+    q, acfg = unit.query, unit.attribution
+    t = time.time()
+    attr = attribute(
+        model,
+        q,
+        acfg.method,
+        n_steps=acfg.n_steps,
+        sig_mode=acfg.sig_mode,
+        internal_batch_size=unit.internal_batch_size,
+        memory_budget_gb=unit.memory_budget_gb,
+        progress=False,
+    )
+    seconds = time.time() - t
+    ident = {"method": acfg.method, "relation": q.relation, "fact_id": q.fact_id,
+             "query_id": q.query_id}
+    kn = neurons_frame(attr, unit.selection)
+    top = neurons_frame(attr, Selection("topk", min(unit.keep_top, attr.scores.numel())))
+    row = {
+        **ident,
+        "prompt": q.prompt,
+        "answer": q.answer,
+        "target_id": attr.target_id,
+        "prob": attr.prob,
+        "predicted": attr.predicted,
+        "known": bool(attr.top1),
+        "n_neurons": len(kn),
+        "max_attribution": float(attr.scores.max()),
+        "n_steps": acfg.n_steps,
+    }
+    return {"neuron_sets": with_ident(kn, ident), "attributions": with_ident(top, ident),
+            "timings": pd.DataFrame([{**ident, "seconds": round(seconds, 3)}]),
+            "queries": pd.DataFrame([row])}
+
+
+@dataclass
+class LocalizeResult:
+    store: RunStore
+    computed: int
+    skipped_done: int
+    seconds: float
+    queries: pd.DataFrame
+
+
+def localize(
+    model: Model,
+    facts: FactSet,
+    store: RunStore,
+    cfg: LocalizeConfig,
+    *,
+    progress: bool = True,
+    executor: Executor | None = None,
+) -> LocalizeResult:
+    """Localize the knowledge neurons of every query of ``facts`` with every method."""
+    units = [
+        Unit(unit_key(model, q, acfg, cfg.selection),
+             LocalizeUnit(q, acfg, cfg.selection, cfg.keep_top, cfg.internal_batch_size,
+                          cfg.memory_budget_gb),
+             f"{acfg.method} {q.relation} {q.prompt[-30:]}")
+        for acfg in cfg.attribution_configs() for q in facts.queries()
+    ]
+    stats = run_units(units, localize_query, store, model=model, marker="queries",
+                      consolidate=LOCALIZE_TABLES, executor=executor, desc="localizing",
+                      unit_name="query", progress=progress)
+    return LocalizeResult(store, stats.computed, stats.skipped_done, stats.seconds,
+                          store.table("queries"))

@@ -1,0 +1,194 @@
+"""Query-KN mapping (METHODS §4, paper §3.1, Figure 4): suppress (×0) / enhance (×2) the
+activations of a query's own knowledge neurons and of its neighbor sets, record ΔProb.
+
+Units are (method, fact), content-hashed and resumable; each writes its
+``interventions`` rows. The stage returns the Figure 4 table;
+:func:`knowloc.report.stages.present_mapping` writes its CSV and figures.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from ..attribution import sort_methods
+from ..models import Model
+from ..store import RunStore, content_hash
+from .run import fact_queries, model_fingerprint, parse_threshold, read_run
+from .units import Executor, Unit, run_units
+
+log = logging.getLogger(__name__)
+
+MAPPING_SETS = ("Self", "Union", "Intersection", "Refine")
+INTERVENTION_SORT = ["method", "relation", "fact_id", "query_id", "set", "op"]
+
+
+@dataclass
+class MappingConfig:
+    """Query-KN mapping (METHODS §4, paper §3.1, Figure 4)."""
+
+    methods: Sequence[str] | None = None
+    split_threshold: float | str = 0.1
+    suppress: float = 0.0
+    enhance: float = 2.0
+    only_known: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"methods": list(self.methods) if self.methods else None,
+                "split_threshold": self.split_threshold, "suppress": self.suppress,
+                "enhance": self.enhance, "only_known": self.only_known}
+
+
+@dataclass
+class MappingResult:
+    interventions: pd.DataFrame
+    figure4: pd.DataFrame
+    methods: list[str]
+    computed: int
+    skipped_done: int
+    seconds: float
+
+
+def neighbor_sets(sets: dict[str, list[tuple[int, int]]], query_id: str) -> dict[str, set]:
+    """Self N_i and the neighbor sets N_i^N over j ≠ i (paper eq. 3)."""
+    from ..neurons import intersection, refine, union
+
+    others = [s for q, s in sets.items() if q != query_id]
+    return {"Self": set(sets[query_id]), "Union": union(others),
+            "Intersection": intersection(others), "Refine": refine(others)}
+
+
+@dataclass(frozen=True)
+class MappingUnit:
+    """The payload of one mapping unit: one (method, fact)."""
+
+    method: str
+    relation: str
+    fact_id: str
+    queries: tuple[tuple[str, str, str], ...]  # (query_id, prompt, answer), by query id
+    sets: tuple[tuple[str, tuple[tuple[int, int], ...]], ...]  # query_id -> N_i
+    suppress: float
+    enhance: float
+
+
+def intervene_fact(model: Model, unit: MappingUnit) -> dict[str, pd.DataFrame]:
+    """ΔProb of scaling each neuron set of each query of one fact: its ``interventions``."""
+    from ..interventions.activations import intervention_probs
+    from ..evaluation import delta_prob
+
+    sets = {qid: list(ns) for qid, ns in unit.sets}
+    rows = []
+    for qid, prompt, answer in unit.queries:
+        ids = model.encode_prompt(prompt)
+        target = model.target_id(prompt, answer)
+        nsets = neighbor_sets(sets, qid)
+        variants, labels = [], []
+        for name in MAPPING_SETS:
+            for op, scale in (("suppress", unit.suppress), ("enhance", unit.enhance)):
+                if nsets[name]:
+                    variants.append((sorted(nsets[name]), scale))
+                    labels.append((name, op))
+        probs = intervention_probs(model, ids, variants, [target])[:, 0].double().cpu().numpy()
+        p_b = float(probs[0])
+        done_labels = dict(zip(labels, probs[1:]))
+        for name in MAPPING_SETS:
+            for op in ("suppress", "enhance"):
+                base = {"method": unit.method, "relation": unit.relation,
+                        "fact_id": unit.fact_id, "query_id": qid, "set": name, "op": op,
+                        "n_neurons": len(nsets[name]), "p_before": p_b}
+                if (name, op) in done_labels:
+                    p_a = float(done_labels[(name, op)])
+                    rows.append({**base, "status": "ok", "p_after": p_a,
+                                 "delta_prob": delta_prob(p_b, p_a, op)})
+                else:
+                    rows.append({**base, "status": "empty", "p_after": float("nan"),
+                                 "delta_prob": float("nan")})
+    return {"interventions": pd.DataFrame(rows)}
+
+
+def query_kn_mapping(
+    model: Model,
+    store: RunStore,
+    cfg: MappingConfig,
+    *,
+    query_ids: set[str] | None = None,
+    progress: bool = True,
+    executor: Executor | None = None,
+) -> MappingResult:
+    """Suppress (×0) / enhance (×2) the activations of Self N_i and of the neighbor sets
+    Union / Intersection / Refine at the last position and record ΔProb (Figure 4).
+
+    Writes ``interventions.parquet``. Work units are (method, fact), content-hashed and
+    resumable.
+    """
+    t0 = time.time()
+    cfg.split_threshold = parse_threshold(cfg.split_threshold)
+    run = read_run(store, cfg.methods, cfg.split_threshold, query_ids)
+    config = {k: v for k, v in cfg.as_dict().items() if k not in ("methods", "split_threshold")}
+    units = []
+    for method in run.methods:
+        for fact in run.split[run.split["method"] == method].itertuples():
+            fq = fact_queries(run, method, fact.fact_id)
+            if fq.empty:
+                continue
+            sets = {str(q.query_id): run.neurons.get((method, str(q.query_id)), [])
+                    for q in fq.itertuples()}
+            key = content_hash({"stage": "query_kn_mapping", "model": model_fingerprint(model),
+                                "method": method,
+                                "queries": [(q.prompt, q.answer) for q in fq.itertuples()],
+                                "neurons": [sorted(sets[str(q.query_id)])
+                                            for q in fq.itertuples()],
+                                "config": config})
+            payload = MappingUnit(method, fact.relation, fact.fact_id,
+                                  tuple((str(q.query_id), str(q.prompt), str(q.answer))
+                                        for q in fq.itertuples()),
+                                  tuple((qid, tuple(ns)) for qid, ns in sets.items()),
+                                  cfg.suppress, cfg.enhance)
+            units.append(Unit(key, payload, f"{method} {fact.fact_id[:30]}"))
+    stats = run_units(units, intervene_fact, store, model=model, marker="interventions",
+                      consolidate={"interventions": INTERVENTION_SORT}, executor=executor,
+                      desc="intervening", unit_name="fact", progress=progress)
+    table = store.table("interventions")
+    if len(table):
+        pairs = set(zip(run.split["method"], run.split["fact_id"]))
+        table = table[[(m, f) in pairs for m, f in zip(table["method"], table["fact_id"])]]
+        if cfg.only_known:
+            known = run.queries[run.queries["known"].astype(bool)]
+            kq = set(zip(known["method"], known["query_id"]))
+            table = table[[(m, q) in kq for m, q in zip(table["method"], table["query_id"])]]
+    return MappingResult(table.reset_index(drop=True), figure4_table(table, run.split),
+                         run.methods, stats.computed, stats.skipped_done, time.time() - t0)
+
+
+def figure4_table(interventions: pd.DataFrame, split: pd.DataFrame) -> pd.DataFrame:
+    """Mean ΔProb per method, K_I/K_II and neuron set, for suppression and enhancement, and
+    their average (Figure 4). Empty neuron sets are counted (``n_empty``), not averaged."""
+    cols = ["method", "kind", "set", "suppress", "enhance", "avg", "suppress_median",
+            "enhance_median", "n_queries", "n_empty"]
+    if interventions.empty:
+        return pd.DataFrame(columns=cols)
+    df = interventions.merge(split[["method", "fact_id", "kind"]], on=["method", "fact_id"])
+    rows = []
+    for method in sort_methods(df["method"]):
+        for kind in ("K_I", "K_II"):
+            for name in MAPPING_SETS:
+                g = df[(df["method"] == method) & (df["kind"] == kind) & (df["set"] == name)]
+                if g.empty:
+                    continue
+                ok = g[g["status"] == "ok"]
+                sup = ok.loc[ok["op"] == "suppress", "delta_prob"].dropna()
+                enh = ok.loc[ok["op"] == "enhance", "delta_prob"].dropna()
+                s = float(sup.mean()) if len(sup) else float("nan")
+                e = float(enh.mean()) if len(enh) else float("nan")
+                rows.append({"method": method, "kind": kind, "set": name, "suppress": s,
+                             "enhance": e, "avg": (s + e) / 2,
+                             "suppress_median": float(sup.median()) if len(sup) else float("nan"),
+                             "enhance_median": float(enh.median()) if len(enh) else float("nan"),
+                             "n_queries": int(g["query_id"].nunique()),
+                             "n_empty": int(g.loc[g["status"] == "empty", "query_id"].nunique())})
+    return pd.DataFrame(rows, columns=cols)

@@ -1,0 +1,455 @@
+"""Knowledge modification (METHODS §3, paper §2.2, Tables 2 and 3): erase or update the
+value vectors of a fact's knowledge neurons, evaluate, restore.
+
+Units are (method, fact, op, set), content-hashed and resumable; each writes its ``edits``
+rows. The stage then stores Table 2 in ``metrics`` and returns Tables 2 and 3;
+:func:`knowloc.report.stages.present_modification` writes their CSV and Markdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..attribution import sort_methods
+from ..errors import ConfigError
+from ..evaluation import Baseline, EvalQuery, PPLSampler, evaluate_edit, load_ppl_corpus
+from ..models import Model
+from ..store import RunStore, content_hash
+from .run import (
+    RunFacts,
+    attribution_maps,
+    fact_queries,
+    model_fingerprint,
+    parse_threshold,
+    read_run,
+    seeded_rng,
+    with_ident,
+)
+from .units import Executor, Unit, run_units
+
+log = logging.getLogger(__name__)
+
+EDIT_SETS = ("local", "global", "cas")
+DEFAULT_EDIT_SETS = ("local", "global")  # Table 2; "cas" (Table 3) is asked for explicitly
+EDIT_OPS = ("erase", "update")
+EDIT_SORT = ["method", "set", "op", "relation", "fact_id", "query_id"]
+TABLE2_METRICS = ["rel", "gen", "loc", "avg", "dppl", "rel_prob", "gen_prob", "loc_prob",
+                  "avg_prob"]
+
+
+@dataclass
+class ModifyConfig:
+    """Knowledge modification (METHODS §3, paper §2.2, Table 2)."""
+
+    ops: Sequence[str] = EDIT_OPS
+    sets: Sequence[str] = DEFAULT_EDIT_SETS
+    methods: Sequence[str] | None = None  # None: every method of the run
+    lambda1: float = 2.0
+    lambda2: float = 2.0
+    split_threshold: float | str = 0.1  # K_I / K_II split on CS2 (paper §2.2: static)
+    n_locality: int = 20
+    gen_on: str = "known"
+    ppl_entries: int = 5
+    ppl_pool: int = 25
+    ppl_max_tokens: int | None = 128
+    seed: int = 0
+    update_sign: str = "none"  # "activation": multiply the update by sign(activation)
+    # Consistency-Aware set (paper §3.3, eq. 7); candidates = ∪ N_i of the fact (see cas_set)
+    cas_beta1: float = 0.7
+    cas_beta2: float = 0.3
+    cas_threshold: float = 0.3
+
+    def validate(self) -> ModifyConfig:
+        bad = [o for o in self.ops if o not in EDIT_OPS]
+        if bad or not self.ops:
+            raise ConfigError(f"unknown --op {', '.join(bad) or '(none)'}; choose from "
+                              f"{', '.join(EDIT_OPS)}")
+        bad = [s for s in self.sets if s not in EDIT_SETS]
+        if bad or not self.sets:
+            raise ConfigError(f"unknown --set {', '.join(bad) or '(none)'}; choose from "
+                              f"{', '.join(EDIT_SETS)}")
+        if self.gen_on not in ("known", "all"):
+            raise ConfigError(f"gen_on must be 'known' or 'all' (got {self.gen_on!r})")
+        if self.update_sign not in ("none", "activation"):
+            raise ConfigError(f"update_sign must be 'none' or 'activation' "
+                              f"(got {self.update_sign!r})")
+        if self.n_locality < 1 or self.ppl_entries < 1 or self.ppl_pool < 1:
+            raise ConfigError("n_locality, ppl_entries and ppl_pool must be >= 1")
+        if self.ppl_max_tokens is not None and self.ppl_max_tokens < 2:
+            raise ConfigError("ppl_max_tokens must be >= 2")
+        self.split_threshold = parse_threshold(self.split_threshold)
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ops": list(self.ops), "sets": list(self.sets),
+                "methods": list(self.methods) if self.methods else None,
+                "lambda1": self.lambda1, "lambda2": self.lambda2,
+                "split_threshold": self.split_threshold, "n_locality": self.n_locality,
+                "gen_on": self.gen_on, "ppl_entries": self.ppl_entries,
+                "ppl_pool": self.ppl_pool, "ppl_max_tokens": self.ppl_max_tokens,
+                "seed": self.seed, "update_sign": self.update_sign,
+                "cas_beta1": self.cas_beta1, "cas_beta2": self.cas_beta2,
+                "cas_threshold": self.cas_threshold}
+
+
+def locality_pool(model: Model, catalog: pd.DataFrame, fact_id: str, relation: str, n: int,
+                  seed: int) -> tuple[list[tuple[int, ...]], list[str], str]:
+    """n unrelated queries (first query of facts of other relations), seeded per fact."""
+    firsts = catalog.drop_duplicates("fact_id")
+    pool = firsts[firsts["relation"] != relation]
+    kind = "other relations"
+    if pool.empty:
+        pool = firsts[firsts["fact_id"] != fact_id]
+        kind = "other facts of the same relation (the run has one relation)"
+    if pool.empty:
+        return [], [], "none"
+    pick = sorted(seeded_rng("locality", seed, fact_id).choice(len(pool), min(n, len(pool)),
+                                                               replace=False))
+    rows = pool.iloc[pick]
+    return ([tuple(model.encode_prompt(p)) for p in rows["prompt"]],
+            list(rows["query_id"].astype(str)), kind)
+
+
+def new_object(model: Model, catalog: pd.DataFrame, relation: str, fact_id: str, prompt: str,
+               answer: str, seed: int) -> str | None:
+    """o′: another object of the same relation whose first token differs from o's (seeded)."""
+    target = model.target_id(prompt, answer)
+    cands = sorted({a for a in catalog.loc[catalog["relation"] == relation, "answer"].astype(str)
+                    if a.strip().lower() != answer.strip().lower()})
+    cands = [a for a in cands if model.target_id(prompt, a) != target]
+    if not cands:
+        return None
+    return cands[int(seeded_rng("new-object", seed, fact_id).integers(len(cands)))]
+
+
+def cas_set(attributions: dict[tuple[str, str], pd.DataFrame],
+            neurons: dict[tuple[str, str], list[tuple[int, int]]], method: str,
+            query_ids: Sequence[str], n_layers: int, d_mlp: int, *, beta1: float = 0.7,
+            beta2: float = 0.3, threshold: float = 0.3) -> list[tuple[int, int]]:
+    """The Consistency-Aware edit set of one fact (paper §3.3, eq. 7), restricted to the
+    union of its queries' knowledge neurons ∪ N_i.
+
+    Each query's attribution map is rebuilt from the run's stored scores (the top
+    ``keep_top`` per query plus its knowledge neurons; neurons below the stored top count as
+    0 — they are below every stored score, so this only lowers their μ and raises their σ
+    marginally), then :func:`knowloc.neurons.cas_neurons` with ``candidates = ∪ N_i``, so
+    the set is a subset of the union. The best candidate's CAS is usually positive, but not
+    always (a neuron that is a knowledge neuron of one query in k ≥ 7, or of one query while
+    the others score it negative, has μ < (β2/β1) σ): when no candidate has a positive CAS,
+    the set is the candidate(s) with the largest CAS, so it is non-empty whenever the union
+    is. The paper's unrestricted version is ``cas_neurons(maps)`` without ``candidates``.
+    """
+    from ..neurons import cas_neurons, consistency_aware_scores
+
+    union = sorted({n for q in query_ids for n in neurons.get((method, q), [])})
+    if not union:
+        return []
+    maps = []
+    for q in query_ids:
+        m = np.zeros((n_layers, d_mlp), dtype=np.float64)
+        a = attributions.get((method, q))
+        if a is not None and len(a):
+            m[a["layer"].to_numpy(int), a["neuron"].to_numpy(int)] = a["attribution"].to_numpy(float)
+        maps.append(m)
+    chosen = cas_neurons(maps, beta1=beta1, beta2=beta2, threshold=threshold, candidates=union)
+    if len(chosen):
+        return sorted(chosen.neurons)
+    scores = consistency_aware_scores(maps, beta1=beta1, beta2=beta2)
+    vals = np.array([scores[l, p] for l, p in union])
+    return [n for n, v in zip(union, vals) if v == vals.max()]
+
+
+# ------------------------------------------------------------------------------ units
+@dataclass(frozen=True)
+class PPLSpec:
+    """How to build the ΔPPL sampler: the text (None: the built-in corpus) and its draw."""
+
+    text: str | None
+    n_entries: int
+    pool_size: int
+    max_tokens: int | None
+    seed: int
+
+
+@dataclass(frozen=True)
+class EditUnit:
+    """The payload of one modification unit: one (method, fact, op, set)."""
+
+    key: str  # also seeds the unit's ΔPPL draw
+    scope: str  # memo scope: unedited predictions are shared by the units of one stage call
+    method: str
+    relation: str
+    fact_id: str
+    op: str
+    set_kind: str
+    queries: tuple[tuple[str, str, str], ...]  # (query_id, prompt, answer), by query id
+    sets: tuple[tuple[str, tuple[tuple[int, int], ...]], ...]  # query_id -> N_i
+    cas: tuple[tuple[int, int], ...]
+    new_object: str | None
+    locality: tuple[tuple[int, ...], ...]  # prompt token ids of the unrelated queries
+    locality_ids: tuple[str, ...]
+    locality_kind: str
+    lambda1: float
+    lambda2: float
+    update_sign: str
+    gen_on: str
+    ppl: PPLSpec
+
+
+@dataclass
+class _Memo:
+    """Unedited predictions and ΔPPL baselines of one model within one stage call."""
+
+    model: weakref.ref
+    scope: str
+    baseline: Baseline = field(default_factory=Baseline)
+    samplers: dict[PPLSpec, PPLSampler] = field(default_factory=dict)
+
+
+_MEMO: dict[str, _Memo] = {}
+
+
+def _memo(model: Model, unit: EditUnit) -> tuple[Baseline, PPLSampler]:
+    memo = _MEMO.get("current")
+    if memo is None or memo.scope != unit.scope or memo.model() is not model:
+        memo = _MEMO["current"] = _Memo(weakref.ref(model), unit.scope)
+    if unit.ppl not in memo.samplers:
+        s = unit.ppl
+        memo.samplers[s] = PPLSampler(model, load_ppl_corpus(s.text), n_entries=s.n_entries,
+                                      pool_size=s.pool_size, max_tokens=s.max_tokens,
+                                      seed=s.seed)
+    return memo.baseline, memo.samplers[unit.ppl]
+
+
+def edit_fact(model: Model, unit: EditUnit) -> dict[str, pd.DataFrame]:
+    """Edit, evaluate and restore one (method, fact, op, set): its ``edits`` rows."""
+    from ..interventions.weights import Edit, activation_signs
+
+    baseline, ppl = _memo(model, unit)
+    op, set_kind, new_obj = unit.op, unit.set_kind, unit.new_object
+    sets = {qid: list(ns) for qid, ns in unit.sets}
+    cas = list(unit.cas)
+    equeries = [EvalQuery(qid, tuple(model.encode_prompt(prompt)),
+                          model.target_id(prompt, answer),
+                          model.target_id(prompt, new_obj) if new_obj else None)
+                for qid, prompt, answer in unit.queries]
+    baseline.ensure(model, [(q.prompt_ids, [q.target_id] + ([q.new_target_id]
+                                                           if q.new_target_id else []))
+                            for q in equeries])
+    known = [q.query_id for q in equeries if baseline.top1[q.prompt_ids] == q.target_id]
+    rows: list[dict[str, Any]] = []
+    nan = float("nan")
+    for q in equeries:
+        if q.query_id not in known:
+            rows.append({"query_id": q.query_id, "status": "not known",
+                         "n_neurons": len(cas) if set_kind == "cas" else len(sets[q.query_id])})
+    if op == "update" and new_obj is None:
+        rows += [{"query_id": qid, "status": "no new object", "n_neurons": 0} for qid in known]
+        known = []
+
+    def make_edit(neurons: list[tuple[int, int]], q: EvalQuery, read_by: list[EvalQuery]) -> Edit:
+        if op == "erase":
+            return Edit.erase(neurons)
+        signs = (activation_signs(model, [r.prompt_ids for r in read_by], neurons)
+                 if unit.update_sign == "activation" else None)
+        return Edit.update(neurons, q.target_id, int(q.new_target_id),  # type: ignore[arg-type]
+                           lambda1=unit.lambda1, lambda2=unit.lambda2, signs=signs)
+
+    common: dict[str, Any] = {"fact_queries": equeries, "locality": list(unit.locality),
+                              "baseline": baseline, "ppl": ppl, "gen_on": unit.gen_on}
+    if set_kind == "local":
+        for qid in known:
+            q = next(e for e in equeries if e.query_id == qid)
+            rows += evaluate_edit(model, make_edit(sets[qid], q, [q]), rel_ids=[qid],
+                                  ppl_key=f"{unit.key}:{qid}", **common)
+    elif known:
+        union = cas if set_kind == "cas" else sorted({n for s in sets.values() for n in s})
+        q = next(e for e in equeries if e.query_id == known[0])
+        readers = [e for e in equeries if e.query_id in known]
+        rows += evaluate_edit(model, make_edit(union, q, readers), rel_ids=known,
+                              ppl_key=unit.key, **common)
+    frame = pd.DataFrame(rows)
+    for col in ("rel", "gen", "loc", "avg", "rel_prob", "gen_prob", "loc_prob", "avg_prob",
+                "ppl_before", "ppl_after", "dppl"):
+        if col not in frame:
+            frame[col] = nan
+        frame[col] = frame[col].astype(float)
+    frame["ppl_entries"] = frame.get("ppl_entries", pd.Series(dtype=object)).fillna("")
+    for col in ("n_gen", "n_loc", "n_neurons"):
+        frame[col] = frame.get(col, pd.Series(dtype=float)).fillna(0).astype("int64")
+    ident = {"model": model.name, "method": unit.method, "relation": unit.relation,
+             "fact_id": unit.fact_id, "op": op, "set": set_kind,
+             "answer": unit.queries[0][2], "new_answer": new_obj or "",
+             "locality_query_ids": "|".join(unit.locality_ids),
+             "locality_pool": unit.locality_kind}
+    return {"edits": with_ident(frame, ident)}
+
+
+# ------------------------------------------------------------------------------ stage
+@dataclass
+class ModifyResult:
+    edits: pd.DataFrame
+    table2: pd.DataFrame
+    computed: int
+    skipped_done: int
+    seconds: float
+    ppl: dict[str, Any]
+    table3: pd.DataFrame | None = None
+
+
+def edit_units(model: Model, run: RunFacts, store: RunStore, cfg: ModifyConfig,
+               ppl: PPLSpec, ppl_config: dict[str, Any]) -> list[Unit]:
+    """The modification units of the run's split, in (method, fact, op, set) order."""
+    scope = secrets.token_hex(8)
+    attributions: dict[tuple[str, str], pd.DataFrame] | None = None
+    units = []
+    for method in run.methods:
+        for fact in run.split[run.split["method"] == method].itertuples():
+            fq = fact_queries(run, method, fact.fact_id)
+            if fq.empty:
+                continue
+            for op in cfg.ops:
+                for set_kind in cfg.sets:
+                    first = fq.iloc[0]
+                    new_obj = (new_object(model, run.catalog, fact.relation, fact.fact_id,
+                                          first["prompt"], first["answer"], cfg.seed)
+                               if op == "update" else None)
+                    loc_prompts, loc_ids, loc_kind = locality_pool(
+                        model, run.catalog, fact.fact_id, fact.relation, cfg.n_locality,
+                        cfg.seed)
+                    sets = {str(q.query_id): run.neurons.get((method, str(q.query_id)), [])
+                            for q in fq.itertuples()}
+                    key_parts: dict[str, Any] = {
+                        "stage": "modify", "model": model_fingerprint(model), "method": method,
+                        "queries": [(q.prompt, q.answer) for q in fq.itertuples()],
+                        "neurons": [sorted(sets[str(q.query_id)]) for q in fq.itertuples()],
+                        "op": op, "set": set_kind, "new_object": new_obj, "locality": loc_ids,
+                        "config": {k: v for k, v in cfg.as_dict().items()
+                                   if k not in ("ops", "sets", "methods", "split_threshold")
+                                   and not k.startswith("cas_")},
+                        "ppl": ppl_config}
+                    cas: list[tuple[int, int]] = []
+                    if set_kind == "cas":
+                        if attributions is None:
+                            attributions = attribution_maps(store, run.methods)
+                        cas = cas_set(attributions, run.neurons, method, list(sets),
+                                      model.n_layers, model.d_mlp, beta1=cfg.cas_beta1,
+                                      beta2=cfg.cas_beta2, threshold=cfg.cas_threshold)
+                        key_parts["cas"] = {"neurons": cas, "beta1": cfg.cas_beta1,
+                                            "beta2": cfg.cas_beta2,
+                                            "threshold": cfg.cas_threshold}
+                    key = content_hash(key_parts)
+                    payload = EditUnit(
+                        key=key, scope=scope, method=method, relation=fact.relation,
+                        fact_id=fact.fact_id, op=op, set_kind=set_kind,
+                        queries=tuple((str(q.query_id), str(q.prompt), str(q.answer))
+                                      for q in fq.itertuples()),
+                        sets=tuple((qid, tuple(ns)) for qid, ns in sets.items()),
+                        cas=tuple(cas), new_object=new_obj, locality=tuple(loc_prompts),
+                        locality_ids=tuple(loc_ids), locality_kind=loc_kind,
+                        lambda1=cfg.lambda1, lambda2=cfg.lambda2, update_sign=cfg.update_sign,
+                        gen_on=cfg.gen_on, ppl=ppl)
+                    units.append(Unit(key, payload,
+                                      f"{method} {op} {set_kind} {fact.fact_id[:30]}"))
+    return units
+
+
+def modify(
+    model: Model,
+    store: RunStore,
+    cfg: ModifyConfig,
+    *,
+    ppl_text: str | Path | None = None,
+    query_ids: set[str] | None = None,
+    progress: bool = True,
+    executor: Executor | None = None,
+) -> ModifyResult:
+    """Erase/update the knowledge neurons of every known query of the run's K_I/K_II facts.
+
+    For each method, fact and query q_i the unedited model answers correctly, edits the value
+    vectors of N_i (``local``) or N_g = ∪_j N_j (``global``), evaluates Rel/Gen/Loc/Avg, their
+    probability-based versions and ΔPPL (:func:`knowloc.evaluation.evaluate_edit`) and
+    restores the weights. Work units are (method, fact, op, set), content-hashed and
+    resumable. Writes ``edits.parquet`` and ``metrics.parquet`` (Table 2).
+    """
+    cfg.validate()
+    run = read_run(store, cfg.methods, cfg.split_threshold, query_ids)
+    corpus = load_ppl_corpus(ppl_text)
+    spec = PPLSpec(None if ppl_text is None else str(ppl_text), cfg.ppl_entries, cfg.ppl_pool,
+                   cfg.ppl_max_tokens, cfg.seed)
+    ppl_config = PPLSampler(model, corpus, n_entries=spec.n_entries, pool_size=spec.pool_size,
+                            max_tokens=spec.max_tokens, seed=spec.seed).config()
+    t0 = time.time()
+    units = edit_units(model, run, store, cfg, spec, ppl_config)
+    stats = run_units(units, edit_fact, store, model=model, marker="edits",
+                      consolidate={"edits": EDIT_SORT}, executor=executor, desc="editing",
+                      progress=progress)
+    edits = store.table("edits")
+    if len(edits):
+        pairs = set(zip(run.split["method"], run.split["fact_id"]))
+        keep = [(m, f) in pairs for m, f in zip(edits["method"], edits["fact_id"])]
+        edits = edits[keep].reset_index(drop=True)
+    t2 = table2(edits, run.split)
+    store.put("metrics", "table2", t2)
+    store.consolidate("metrics")
+    t3 = (table3(edits, run.split) if len(edits) and (edits["set"] == "cas").any() else None)
+    return ModifyResult(edits, t2, stats.computed, stats.skipped_done, time.time() - t0,
+                        ppl_config, t3)
+
+
+# ------------------------------------------------------------------------------ tables
+def table2(edits: pd.DataFrame, split: pd.DataFrame) -> pd.DataFrame:
+    """Table 2: mean Rel/Gen/Loc/Avg/ΔPPL (and probability versions) per model, method,
+    set (local N_i / global N_g), op and K_I/K_II, with the number of edits, of empty
+    neuron sets (never counted as successes) and of skipped queries."""
+    return _edit_means(edits[edits["set"].isin(DEFAULT_EDIT_SETS)] if len(edits) else edits,
+                       split)
+
+
+def table3(edits: pd.DataFrame, split: pd.DataFrame) -> pd.DataFrame:
+    """Table 3: Table 2's means for N_i (local), N_g (global) and the Consistency-Aware set
+    (cas) side by side, for the methods that have CAS edits."""
+    if edits.empty:
+        return _edit_means(edits, split)
+    methods = set(edits.loc[edits["set"] == "cas", "method"])
+    return _edit_means(edits[edits["method"].isin(methods)], split)
+
+
+def _edit_means(edits: pd.DataFrame, split: pd.DataFrame) -> pd.DataFrame:
+    cols = ["model", "method", "set", "op", "kind", "n_edits", "n_empty", "n_not_known",
+            "n_no_new_object", *TABLE2_METRICS]
+    if edits.empty:
+        return pd.DataFrame(columns=cols)
+    df = edits.merge(split[["method", "fact_id", "kind"]], on=["method", "fact_id"], how="inner")
+    rows = []
+    for (model_name, method, set_kind, op, kind), g in df.groupby(
+            ["model", "method", "set", "op", "kind"], sort=False):
+        ok = g[g["status"] == "ok"]
+        row = {"model": model_name, "method": method, "set": set_kind, "op": op, "kind": kind,
+               "n_edits": len(ok), "n_empty": int((g["status"] == "empty").sum()),
+               "n_not_known": int((g["status"] == "not known").sum()),
+               "n_no_new_object": int((g["status"] == "no new object").sum())}
+        for m in TABLE2_METRICS:
+            vals = ok[m].dropna()
+            row[m] = float(vals.mean()) if len(vals) else float("nan")
+        rows.append(row)
+    out = pd.DataFrame(rows, columns=cols)
+    methods = sort_methods(out["method"])
+    order = {"set": {s: i for i, s in enumerate(EDIT_SETS)},
+             "op": {o: i for i, o in enumerate(EDIT_OPS)},
+             "kind": {"K_I": 0, "K_II": 1},
+             "method": {m: i for i, m in enumerate(methods)}}
+    keys = [out[c].map(lambda v, c=c: order[c].get(v, 99)) for c in ("method", "set", "op", "kind")]
+    out = out.assign(_m=keys[0], _s=keys[1], _o=keys[2], _k=keys[3]).sort_values(
+        ["model", "_m", "_s", "_o", "_k"], kind="mergesort").drop(columns=["_m", "_s", "_o", "_k"])
+    return out.reset_index(drop=True)

@@ -1,0 +1,572 @@
+"""Every figure of knowloc, drawn from saved tables (never from a model).
+
+Each plot function builds a :class:`matplotlib.figure.Figure` (directly, so nothing touches
+pyplot's global state or the process-wide backend), writes it as a PNG together with the CSV
+of the rows it plots (same stem, ``.csv``) via :func:`save_figure`, and returns the figure.
+The stage functions at the end (:func:`consistency_figures`, :func:`mapping_figures`,
+:func:`attention_figures`, :func:`heatmap_figures`, :func:`kn_layers`) draw the figures of
+one stage into a run directory and return ``{name: (png, csv)}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+
+from ..attribution import get_method, method_names, sort_methods
+from ..data import natural_key
+from ..errors import ConfigError, DataError
+from ..pipeline.attention import (
+    KIND_ORDER,
+    OPERATION_ORDER,
+    SYNAPSE_VARIANTS,
+    AttentionResult,
+    synapse_effect_summary,
+)
+from ..pipeline.consistency import ConsistencyResult
+from ..pipeline.mapping import MappingResult
+from ..store import RunStore
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DPI",
+    "METHOD_LABELS",
+    "activation_heatmaps",
+    "attention_figures",
+    "bars_synapse_effects",
+    "consistency_figures",
+    "heatmap_figures",
+    "kn_layers",
+    "mapping_figures",
+    "query_kn_bars",
+    "save_figure",
+    "violin_cs2",
+    "violin_predominance",
+]
+
+#: Resolution of every saved PNG.
+DPI = 120
+
+#: Display names of the localization methods (paper §2.1, A.4).
+METHOD_LABELS: dict[str, str] = {
+    "ig": "IG (Dai et al.)",
+    "sig": "SIG (Enguehard)",
+    "amig": "AMIG (Chen et al.)",
+}
+
+
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Write through a temporary file in the same folder, then rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def save_figure(fig: Figure, path_png: str | os.PathLike[str], data: pd.DataFrame) -> Path:
+    """Save ``fig`` as a PNG (``DPI`` dots per inch) and ``data`` as the CSV behind it.
+
+    The CSV has the PNG's stem and the suffix ``.csv``, no index column. Parent folders are
+    created. Each file is written to a temporary name and renamed, so an interrupted call
+    never leaves a truncated file under the final name; the CSV is written first, the PNG
+    last.
+
+    Returns:
+        The PNG path.
+    """
+    png = Path(path_png)
+    if png.suffix.lower() != ".png":
+        raise ConfigError(f"figure path must end in .png, got {str(png)!r}")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    csv = png.with_suffix(".csv")
+    _atomic_write(csv, lambda p: data.to_csv(p, index=False))
+    _atomic_write(png, lambda p: fig.savefig(p, dpi=DPI, bbox_inches="tight", format="png"))
+    logger.info("wrote %s and %s", png, csv.name)
+    return png
+
+
+def violin_cs2(
+    scores_split: pd.DataFrame,
+    method: str,
+    path_png: str | os.PathLike[str],
+    threshold: float,
+) -> Figure:
+    """Violin plot of CS2 per relation for one localization method (paper Figures 3, 8, 9).
+
+    Args:
+        scores_split: a table with columns ``method, relation, fact_id, cs2`` (the output of
+            :func:`knowloc.consistency.consistency_scores` or ``split_facts``). Rows that are
+            skipped (``skipped`` not null, when that column exists) or have NaN CS2 are left
+            out.
+        method: which method's rows to plot.
+        path_png: where to write the PNG; the CSV of the plotted rows (``relation, fact_id,
+            cs2``, in plotting order) goes next to it with suffix ``.csv``.
+        threshold: drawn as a dashed horizontal line (facts at or below it are K_II).
+
+    Relations are on the x axis in natural order (``P17`` before ``P101``). A relation whose
+    CS2 values cannot make a density (a single fact, or all values equal) is drawn as points.
+    A method present in the table but with nothing to plot gives an empty, annotated figure.
+
+    Returns:
+        The figure (already saved).
+
+    Raises:
+        ConfigError: ``method`` does not occur in ``scores_split``.
+        DataError: a required column is missing.
+    """
+    missing = [c for c in ("method", "relation", "fact_id", "cs2") if c not in scores_split]
+    if missing:
+        raise DataError(f"violin_cs2 needs column(s) {missing}; got {list(scores_split.columns)}")
+    methods = sorted(scores_split["method"].astype(str).unique())
+    if str(method) not in methods:
+        raise ConfigError(f"method {method!r} not in the scores table; it has {methods}")
+
+    df = scores_split[scores_split["method"].astype(str) == str(method)]
+    if "skipped" in df.columns:
+        df = df[df["skipped"].isna()]
+    df = df[df["cs2"].notna()]
+    relations = sorted(df["relation"].astype(str).unique(), key=natural_key)
+    data = df.assign(relation=df["relation"].astype(str), fact_id=df["fact_id"].astype(str))[
+        ["relation", "fact_id", "cs2"]
+    ]
+    order = {r: i for i, r in enumerate(relations)}
+    data = (
+        data.assign(_r=data["relation"].map(order))
+        .sort_values(["_r", "fact_id"], kind="mergesort")
+        .drop(columns="_r")
+        .reset_index(drop=True)
+    )
+
+    n_rel = len(relations)
+    width = max(6.0, 0.32 * n_rel + 2.5)
+    fig = Figure(figsize=(width, 4.8))
+    ax = fig.add_subplot(1, 1, 1)
+    rng = np.random.default_rng(0)  # fixed jitter: the figure is deterministic
+
+    violin_data: list[np.ndarray] = []
+    violin_pos: list[int] = []
+    for i, rel in enumerate(relations):
+        vals = data.loc[data["relation"] == rel, "cs2"].to_numpy(dtype=float)
+        if vals.size >= 2 and np.ptp(vals) > 0:
+            violin_data.append(vals)
+            violin_pos.append(i)
+        else:
+            jitter = rng.uniform(-0.08, 0.08, size=vals.size) if vals.size > 1 else 0.0
+            ax.scatter(i + jitter, vals, s=14, color="C0", zorder=3)
+    if violin_data:
+        parts = ax.violinplot(
+            violin_data, positions=violin_pos, widths=0.8, showmedians=True, showextrema=True
+        )
+        for body in parts["bodies"]:
+            body.set_facecolor("C0")
+            body.set_edgecolor("C0")
+            body.set_alpha(0.45)
+        for key in ("cmedians", "cmins", "cmaxes", "cbars"):
+            if key in parts:
+                parts[key].set_color("C0")
+                parts[key].set_linewidth(0.8)
+
+    ax.axhline(threshold, linestyle="--", color="C3", linewidth=1.2)
+    handles = [
+        Line2D([], [], linestyle="--", color="C3", label=f"threshold = {threshold:g}"),
+    ]
+    if data.shape[0]:
+        share_ii = float((data["cs2"] <= threshold).mean())
+        handles.append(Line2D([], [], linestyle="", label=f"at or below (K_II): {share_ii:.0%}"))
+    ax.legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.9)
+
+    ax.set_xticks(range(n_rel))
+    rotate = n_rel > 8
+    ax.set_xticklabels(
+        relations, rotation=60 if rotate else 0, ha="right" if rotate else "center", fontsize=8
+    )
+    ax.set_xlim(-0.7, max(n_rel, 1) - 0.3)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("relation")
+    ax.set_ylabel("CS$_2$")
+    ax.grid(axis="y", alpha=0.3)
+    label = METHOD_LABELS.get(str(method), str(method))
+    ax.set_title(f"KN-consistency CS$_2$ per relation — {label}, {len(data)} facts")
+    if data.empty:
+        ax.text(0.5, 0.5, "no facts to plot", transform=ax.transAxes, ha="center", va="center")
+        logger.warning("violin_cs2: no non-skipped facts for method %s", method)
+
+    save_figure(fig, path_png, data)
+    return fig
+
+
+def query_kn_bars(
+    figure4: pd.DataFrame,
+    path_png: str | os.PathLike[str],
+    *,
+    method: str = "",
+) -> Figure:
+    """Grouped bar chart of ΔProb (paper Figure 4) for one localization method.
+
+    Args:
+        figure4: rows of :func:`knowloc.pipeline.mapping.figure4_table` (columns ``kind, set,
+            suppress, enhance, avg, n_queries, n_empty``), usually one method's.
+        path_png: the PNG; the plotted rows go to the CSV beside it.
+        method: shown in the title.
+
+    One panel per kind (K_I, K_II); the groups are Self / Union / Intersection / Refine, the
+    bars suppression (×0), enhancement (×2) and their average. Neuron sets that were empty
+    for every query have no bar; the number of queries with an empty set is written under
+    each group.
+    """
+    missing = [c for c in ("kind", "set", "suppress", "enhance", "avg") if c not in figure4]
+    if missing:
+        raise DataError(f"query_kn_bars needs column(s) {missing}; got {list(figure4.columns)}")
+    sets = ["Self", "Union", "Intersection", "Refine"]
+    kinds = ["K_I", "K_II"]
+    fig = Figure(figsize=(10, 4.2))
+    axes = [fig.add_subplot(1, 2, i + 1) for i in range(2)]
+    width = 0.26
+    bars = (("suppress", "Sup (×0)", "C3"), ("enhance", "Enh (×2)", "C2"), ("avg", "Avg", "C0"))
+    for ax, kind in zip(axes, kinds, strict=True):
+        d = figure4[figure4["kind"] == kind].set_index("set")
+        for j, (col, label, color) in enumerate(bars):
+            vals = [float(d.loc[s, col]) if s in d.index else np.nan for s in sets]
+            ax.bar(np.arange(len(sets)) + (j - 1) * width, np.nan_to_num(vals), width,
+                   label=label, color=color)
+        labels = []
+        for s in sets:
+            if s in d.index:
+                n_empty = int(d.loc[s, "n_empty"]) if "n_empty" in d else 0
+                n = int(d.loc[s, "n_queries"]) if "n_queries" in d else 0
+                labels.append(f"{s}\n{n - n_empty}/{n} non-empty")
+            else:
+                labels.append(f"{s}\n(no queries)")
+        ax.set_xticks(range(len(sets)))
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_title(f"K$_{{{kind[2:]}}}$")
+        ax.grid(axis="y", alpha=0.3)
+        if d.empty:
+            ax.text(0.5, 0.5, "no facts", transform=ax.transAxes, ha="center", va="center")
+    axes[0].set_ylabel("ΔProb")
+    axes[0].legend(fontsize=8)
+    label = METHOD_LABELS.get(str(method), str(method))
+    fig.suptitle(f"Query-KN mapping: ΔProb of editing KN activations — {label}")
+    fig.tight_layout()
+    save_figure(fig, path_png, figure4.reset_index(drop=True))
+    return fig
+
+
+# ================================================================ attention figures
+CONDITION_ORDER = ("none", "suppress", "enhance")
+CONDITION_LABELS = {
+    "none": "no manipulation",
+    "suppress": "knowledge synapses suppressed (× 0)",
+    "enhance": "knowledge synapses enhanced (× 2)",
+}
+OPERATION_LABELS = {"enh": "Enh (× 2)", "sup": "Sup (× 0)", "avg": "Avg"}
+SYNAPSE_LABELS = {"self": "Self (S)", "irrelevant": "Irrelevant (S_ir)"}
+
+
+def _need(df: pd.DataFrame, cols: Sequence[str], what: str) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise DataError(f"{what} needs column(s) {missing}; got {list(df.columns)}")
+
+
+def _ordered(values: Sequence[object], order: Sequence[str]) -> list[str]:
+    vals = [str(v) for v in dict.fromkeys(values)]
+    known = [v for v in order if v in vals]
+    return known + sorted((v for v in vals if v not in order), key=natural_key)
+
+
+# ============================================================================ heatmaps
+def activation_heatmaps(
+    table: pd.DataFrame,
+    path_png: str | os.PathLike[str],
+    *,
+    title: str | None = None,
+    clip_percentile: float = 99.5,
+) -> Figure:
+    """Layer × neuron heatmaps of last-position neuron activations (Figures 1, 7, 10).
+
+    One panel per (condition, query): conditions as rows (none, suppress, enhance, in that
+    order), queries as columns. All panels share one symmetric colour scale, ±the
+    ``clip_percentile``-th percentile of |activation| (a few huge activations would
+    otherwise wash out the rest), so before/after panels compare directly. When the table
+    has a boolean ``is_kn`` column, those neurons are circled.
+
+    The CSV is the plotted rows (``query, condition, layer, neuron, activation`` [+ is_kn]).
+    """
+    _need(table, ["query", "condition", "layer", "neuron", "activation"], "activation_heatmaps")
+    if table.empty:
+        raise DataError("activation_heatmaps: the table is empty")
+    conds = _ordered(table["condition"], CONDITION_ORDER)
+    queries = [str(q) for q in dict.fromkeys(table["query"].astype(str))]
+    cols = ["query", "condition", "layer", "neuron", "activation"]
+    if "is_kn" in table.columns:
+        cols.append("is_kn")
+    data = table[cols].assign(query=table["query"].astype(str), condition=table["condition"].astype(str))
+    data = data.sort_values(["query", "condition", "layer", "neuron"], kind="mergesort").reset_index(drop=True)
+
+    vmax = float(np.nanpercentile(np.abs(data["activation"].to_numpy(float)), clip_percentile))
+    vmax = vmax if vmax > 0 else 1.0
+    n_r, n_c = len(conds), len(queries)
+    fig = Figure(figsize=(max(5.0, 4.6 * n_c), 2.6 * n_r + 0.8), layout="constrained")
+    axes = fig.subplots(n_r, n_c, squeeze=False)
+    image = None
+    for i, cond in enumerate(conds):
+        for j, q in enumerate(queries):
+            ax = axes[i][j]
+            sub = data[(data["condition"] == cond) & (data["query"] == q)]
+            if sub.empty:
+                ax.set_axis_off()
+                continue
+            grid = sub.pivot(index="layer", columns="neuron", values="activation")
+            image = ax.imshow(
+                grid.to_numpy(float), aspect="auto", origin="lower", cmap="RdBu_r",
+                vmin=-vmax, vmax=vmax, interpolation="nearest",
+                extent=(-0.5, grid.shape[1] - 0.5, grid.index.min() - 0.5, grid.index.max() + 0.5),
+            )
+            if "is_kn" in sub.columns:
+                kn = sub[sub["is_kn"].astype(bool)]
+                pos = {n: k for k, n in enumerate(grid.columns)}
+                ax.scatter([pos[n] for n in kn["neuron"]], kn["layer"], s=30, facecolors="none",
+                           edgecolors="k", linewidths=0.8)
+            ax.set_xlabel("neuron" if grid.shape[1] == grid.columns.max() + 1 - grid.columns.min()
+                          else "neuron (selected columns)")
+            ax.set_ylabel("layer")
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_title(f"{q}\n{CONDITION_LABELS.get(cond, cond)}", fontsize=9)
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.8, label="activation")
+    if title:
+        fig.suptitle(title)
+    save_figure(fig, path_png, data)
+    return fig
+
+
+# ============================================================ Figure 5: predominance
+def violin_predominance(
+    table: pd.DataFrame, path_png: str | os.PathLike[str], *, title: str | None = None
+) -> Figure:
+    """Violin plot of the predominance score P per K_I / K_II (Figure 5), with and without
+    the first (BOS / sink) position side by side.
+
+    ``table``: ``fact_id, kind, first, P`` (``first``: True when position 0 was allowed);
+    an optional ``model`` column makes groups ``model:kind`` as in the paper. NaN P (no
+    query had a candidate) is left out. The CSV is the plotted rows.
+    """
+    _need(table, ["fact_id", "kind", "first", "P"], "violin_predominance")
+    cols = ["fact_id", "kind", "first", "P"] + (["model"] if "model" in table.columns else [])
+    data = table[cols].copy()
+    data = data[data["P"].notna()]
+    data["kind"] = data["kind"].astype(str)
+    data["first"] = data["first"].astype(bool)
+    kinds = _ordered(data["kind"], KIND_ORDER)
+    models = [str(m) for m in dict.fromkeys(data["model"].astype(str))] if "model" in data else [None]
+    groups = [(m, k) for m in models for k in kinds]
+    data = data.sort_values(cols[:3], kind="mergesort").reset_index(drop=True)
+
+    fig = Figure(figsize=(max(5.0, 1.6 * len(groups) + 2.0), 4.4))
+    ax = fig.add_subplot(1, 1, 1)
+    rng = np.random.default_rng(0)
+    ticks, labels = [], []
+    for gi, (model, kind) in enumerate(groups):
+        for off, first, colour in ((-0.2, True, "C0"), (0.2, False, "C1")):
+            sel = (data["kind"] == kind) & (data["first"] == first)
+            if model is not None:
+                sel &= data["model"].astype(str) == model
+            vals = data.loc[sel, "P"].to_numpy(float)
+            x = gi + off
+            if vals.size >= 2 and np.ptp(vals) > 0:
+                parts = ax.violinplot([vals], positions=[x], widths=0.35, showmedians=True)
+                for body in parts["bodies"]:
+                    body.set_facecolor(colour)
+                    body.set_edgecolor(colour)
+                    body.set_alpha(0.45)
+                for key in ("cmedians", "cmins", "cmaxes", "cbars"):
+                    if key in parts:
+                        parts[key].set_color(colour)
+            elif vals.size:
+                ax.scatter(x + rng.uniform(-0.05, 0.05, vals.size), vals, s=14, color=colour, zorder=3)
+        ticks.append(gi)
+        name = kind.replace("K_", "")
+        labels.append(f"{model}:{name}" if model is not None else kind)
+    ax.scatter([], [], color="C0", label="with first position")
+    ax.scatter([], [], color="C1", label="without first position")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_xticks(ticks)
+    ax.set_xticklabels(labels)
+    ax.set_ylim(-0.03, 1.05)
+    ax.set_ylabel("predominance $\\mathcal{P}$")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(title or f"Predominance of the most attended token ({data['fact_id'].nunique()} facts)")
+    if data.empty:
+        ax.text(0.5, 0.5, "no facts to plot", transform=ax.transAxes, ha="center", va="center")
+    save_figure(fig, path_png, data)
+    return fig
+
+
+# ===================================================== Figure 6: synapse manipulation
+def bars_synapse_effects(
+    table: pd.DataFrame, path_png: str | os.PathLike[str], *, title: str | None = None
+) -> Figure:
+    """Grouped bars of ΔValue and ΔProb (Figure 6): for K_I / K_II × Self / Irrelevant
+    synapses, bars for Enh, Sup and their Avg. The CSV is :func:`synapse_effect_summary`."""
+    summary = synapse_effect_summary(table)
+    fig = Figure(figsize=(10.0, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2, squeeze=False)[0]
+    ops = _ordered(summary["operation"], OPERATION_ORDER)
+    for ax, metric, label in zip(axes, ("delta_value", "delta_prob"), ("ΔValue", "ΔProb")):
+        sub = summary[summary["metric"] == metric]
+        groups = list(dict.fromkeys(zip(sub["kind"], sub["synapses"])))
+        width = 0.8 / max(1, len(ops))
+        for oi, op in enumerate(ops):
+            ys = []
+            for kind, syn in groups:
+                row = sub[(sub["kind"] == kind) & (sub["synapses"] == syn) & (sub["operation"] == op)]
+                ys.append(float(row["value"].iloc[0]) if len(row) else np.nan)
+            xs = np.arange(len(groups)) + (oi - (len(ops) - 1) / 2) * width
+            ax.bar(xs, ys, width=width, label=OPERATION_LABELS.get(op, op), color=f"C{oi}")
+        ax.set_xticks(np.arange(len(groups)))
+        ax.set_xticklabels([f"{k}\n{SYNAPSE_LABELS.get(s, s)}" for k, s in groups], fontsize=8)
+        ax.axhline(0, color="k", linewidth=0.6)
+        ax.set_title(label)
+        ax.grid(axis="y", alpha=0.3)
+        if not groups:
+            ax.text(0.5, 0.5, "no rows", transform=ax.transAxes, ha="center", va="center")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title or "Manipulating knowledge synapses (sign: + = in the expected direction)")
+    save_figure(fig, path_png, summary)
+    return fig
+
+
+# ===================================================================== stage figures
+Files = dict[str, tuple[Path, Path]]
+
+#: Heatmap figures and the conditions each shows.
+HEATMAP_FIGURES = {"figure1": ("none",),
+                   "figure7": ("suppress", "suppress (position 0 excluded)"),
+                   "figure10": ("enhance", "enhance (position 0 excluded)")}
+HEATMAP_TITLES = {"figure1": "Figure 1", "figure7": "Figure 7: synapses suppressed (× 0)",
+                  "figure10": "Figure 10: synapses enhanced (× 2)"}
+
+
+def _files(png: Path) -> tuple[Path, Path]:
+    return png, png.with_suffix(".csv")
+
+
+def consistency_figures(store: RunStore, res: ConsistencyResult) -> Files:
+    """Figures 3, 8, 9: the CS2 violin of each method, ``figures/cs2_violin_<method>.png``."""
+    out: Files = {}
+    for method in sort_methods(res.scores["method"]):
+        png = store.path("figures", f"cs2_violin_{method}.png")
+        violin_cs2(res.scores, method, png, res.static_threshold)
+        out[method] = _files(png)
+    return out
+
+
+def mapping_figures(store: RunStore, res: MappingResult) -> Files:
+    """Figure 4 per method, ``figures/figure4_<method>.png``."""
+    out: Files = {}
+    for method in res.methods:
+        png = store.path("figures", f"figure4_{method}.png")
+        query_kn_bars(res.figure4[res.figure4["method"] == method], png, method=method)
+        out[method] = _files(png)
+    return out
+
+
+def attention_figures(store: RunStore, res: AttentionResult) -> Files:
+    """Figure 5 (``figure5_<method>``) and Figure 6 as defined and with position 0 excluded
+    (``figure6_<method>_<variant>``) per method."""
+    out: Files = {}
+    eff = res.effects.merge(res.split[["method", "fact_id", "kind"]], on=["method", "fact_id"]) \
+        if len(res.effects) else pd.DataFrame(columns=["method", "first", "kind", "synapses",
+                                                       "operation", "delta_value", "delta_prob",
+                                                       "known"])
+    if res.only_known and len(eff):
+        eff = eff[eff["known"].astype(bool)]
+    fig5 = res.figure5
+    for method in res.methods:
+        label = method_label(method)
+        png = store.path("figures", f"figure5_{method}.png")
+        violin_predominance(fig5[fig5["method"] == method], png,
+                            title=f"Predominance of the most attended token, {label} "
+                                  "split (Figure 5)")
+        out[f"figure5_{method}"] = _files(png)
+        for first, variant in SYNAPSE_VARIANTS.items():
+            sub = eff[(eff["method"] == method) & (eff["first"].astype(bool) == first)]
+            png = store.path("figures", f"figure6_{method}_{variant}.png")
+            what = "as defined" if first else "position 0 excluded"
+            bars_synapse_effects(sub, png, title=f"Knowledge synapses ({what}) × 0 / × 2, "
+                                                 f"{label} KNs (Figure 6)")
+            out[f"figure6_{method}_{variant}"] = _files(png)
+    return out
+
+
+def heatmap_figures(table: pd.DataFrame, directory: Path, prefix: str = "",
+                    title: str = "") -> Files:
+    """Figures 1 (as is), 7 (synapses suppressed) and 10 (enhanced) from a
+    :func:`knowloc.pipeline.attention.heatmap_table`, each a PNG with its CSV."""
+    out: Files = {}
+    for fig, conds in HEATMAP_FIGURES.items():
+        sub = table[table["condition"].isin(conds)]
+        if sub.empty:
+            continue
+        png = Path(directory) / f"{prefix}{fig}.png"
+        activation_heatmaps(sub, png, title=f"{HEATMAP_TITLES[fig]}"
+                                            f"{' — ' + title if title else ''}")
+        out[fig] = _files(png)
+    return out
+
+
+def attention_heatmaps(store: RunStore, res: AttentionResult) -> dict[str, Files]:
+    """The heatmap figures of each panel (K_I, K_II) of the attention stage."""
+    return {kind: heatmap_figures(p.table, store.path("figures"), prefix=f"heatmap_{kind}_",
+                                  title=f"{kind} fact {p.fact_id}, {method_label(p.method)} "
+                                        "KNs circled")
+            for kind, p in res.heatmaps.items()}
+
+
+def kn_layers(store: RunStore, neurons: pd.DataFrame, n_layers: int) -> tuple[Path, Path]:
+    """Share of knowledge neurons per layer and method, ``figures/kn_layers.png``."""
+    counts = (neurons.groupby(["method", "layer"]).size().rename("n").reset_index()
+              if len(neurons) else pd.DataFrame(columns=["method", "layer", "n"]))
+    fig = Figure(figsize=(8, 3.6))
+    ax = fig.add_subplot()
+    methods = sort_methods(counts["method"])
+    width = 0.8 / max(1, len(methods))
+    rows = []
+    for i, m in enumerate(methods):
+        c = counts[counts["method"] == m].set_index("layer")["n"].reindex(range(n_layers), fill_value=0)
+        share = c / max(1, c.sum())
+        ax.bar([x + i * width for x in range(n_layers)], share.values, width=width,
+               label=method_label(m))
+        rows += [{"method": m, "layer": int(k), "n_neurons": int(c[k]), "share": float(share[k])}
+                 for k in range(n_layers)]
+    ax.set_xlabel("layer")
+    ax.set_ylabel("share of knowledge neurons")
+    ax.set_title("Where knowledge neurons sit (all localized queries)")
+    ax.legend()
+    fig.tight_layout()
+    png = store.path("figures", "kn_layers.png")
+    save_figure(fig, png, pd.DataFrame(rows))
+    return _files(png)
+
+
+def method_label(method: str) -> str:
+    """The registry's label of a method (the name itself for an unregistered one)."""
+    return get_method(method).label if method in method_names() else method
+
