@@ -10,10 +10,10 @@ import pytest
 from matplotlib.figure import Figure
 from tiny import tiny_model
 
-from knowloc.interventions.attention import heatmap_frame
 from knowloc.consistency import SKIP_EMPTY_UNION, SKIP_FEW_QUERIES
 from knowloc.data import natural_key
 from knowloc.errors import ConfigError
+from knowloc.interventions.attention import heatmap_frame
 from knowloc.report.figures import (
     activation_heatmaps,
     bars_synapse_effects,

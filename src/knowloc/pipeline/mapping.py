@@ -78,8 +78,8 @@ class MappingUnit:
 
 def intervene_fact(model: Model, unit: MappingUnit) -> dict[str, pd.DataFrame]:
     """ΔProb of scaling each neuron set of each query of one fact: its ``interventions``."""
-    from ..interventions.activations import intervention_probs
     from ..evaluation import delta_prob
+    from ..interventions.activations import intervention_probs
 
     sets = {qid: list(ns) for qid, ns in unit.sets}
     rows = []
