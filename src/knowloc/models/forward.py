@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "ActivationFn",
     "activations_and_probs",
     "apply_softcap",
     "final_hidden",
@@ -38,6 +39,8 @@ __all__ = [
     "probs_from_hidden",
 ]
 
+#: ``fn(layer, h) -> h'``: what an activation hook does with the down-projection input
+#: ``h`` ``[batch, seq, d_mlp]`` of one layer.
 ActivationFn = Callable[[int, torch.Tensor], torch.Tensor]
 TokenIds = torch.Tensor | Sequence[Sequence[int]]
 

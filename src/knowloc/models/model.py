@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,15 +16,11 @@ from torch import nn
 from ..errors import DeviceError, ModelError, TokenizationError
 from . import compat, forward
 from .adapters import Adapter, find_adapter
+from .forward import ActivationFn
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DTYPES", "Model", "load_model", "resolve_device", "resolve_dtype", "wrap"]
-
-#: ``fn(layer, h) -> h'``: what an activation hook does with the down-projection input
-#: ``h`` ``[batch, seq, d_mlp]`` of one layer.
-ActivationFn = Callable[[int, torch.Tensor], torch.Tensor]
-
 
 def _get(root: Any, path: str) -> Any:
     obj = root
