@@ -26,8 +26,9 @@ One ParaRel-style query, IG with 20 steps over all layers, measured side by side
   ``pip install --no-deps --target /tmp/kn_site knowledge-neurons==0.0.2`` (``--kn-site``).
   It hooks the *output* of the up/gate projection (``mlp.c_fc`` for GPT-2, here
   ``mlp.up_proj`` for Gemma), not the input of the down projection, which is the wrong
-  neuron site (METHODS §0), and integrates over alpha = linspace(0, 1, steps); its scores
-  are therefore not comparable with the other two -- only its time is.
+  neuron site (docs/methods.md §0), and integrates over alpha = linspace(0, 1, steps); its scores
+  are therefore not comparable with the other two -- only its time is. Where it is not
+  installed it is reported as skipped and the other engines run as usual (exit status 0).
 
 Models: the embedded Gemma 3 270M (``load_model("gemma3-270m")``) and a GPT-2-small config
 with random weights (``GPT2Config()`` defaults: 12 layers, d_model 768, vocab 50257, seeded),
@@ -81,6 +82,7 @@ ENGINE_LABELS = {
     "knowledge-neurons": "knowledge-neurons 0.0.2",
 }
 LOOPS = ("loop", "loop-tuned")  # checked against knowloc (same scores)
+OPTIONAL_ENGINES = ("knowledge-neurons",)  # skipped, with a note, where not installed
 QUERIES = {  # model -> (prompt, answer)
     "gemma3-270m": ("The official language of Brazil is", "Portuguese"),
     "gpt2-small-random": ("the official language of brazil is", "portuguese"),
@@ -196,6 +198,17 @@ def loop_attribute(model: Any, prompt: str, answer: str, n_steps: int, tuned: bo
 
 
 # ------------------------------------------------------------- optional: knowledge-neurons
+def skip_reason(engine: str, kn_site: Path) -> str | None:
+    """Why ``engine`` cannot run on this machine (an optional engine that is not installed),
+    or None when it can. Checked before any worker starts, so an absent engine costs nothing."""
+    if engine == "knowledge-neurons" and not (kn_site / "knowledge_neurons").is_dir():
+        return (
+            f"not installed under {kn_site}; to include it: pip install --no-deps --target "
+            f"{kn_site} knowledge-neurons==0.0.2"
+        )
+    return None
+
+
 def _install_einops_shim() -> None:
     """knowledge-neurons imports einops (not a knowloc dependency) only for
     ``repeat(x, "b d -> (r b) d", r=n)``, i.e. ``x.repeat(n, 1)``; provide just that."""
@@ -224,13 +237,11 @@ def knowledge_neurons_runner(
     target. ``_prepare_inputs`` is patched to target the gold first token (knowloc's
     ``target_id``, one sweep). Layer/MLP paths are overridden for Gemma. The hooked site --
     the output of ``up_proj`` (``c_fc`` for GPT-2) -- is left as the package has it, and it is
-    the wrong one (METHODS §0): the scores are not comparable, only the time.
+    the wrong one (docs/methods.md §0): the scores are not comparable, only the time.
     """
-    if not (kn_site / "knowledge_neurons").is_dir():
-        raise RuntimeError(
-            f"knowledge-neurons not found under {kn_site} (pip install --no-deps --target "
-            f"{kn_site} knowledge-neurons==0.0.2)"
-        )
+    reason = skip_reason("knowledge-neurons", kn_site)
+    if reason is not None:
+        raise RuntimeError(f"knowledge-neurons {reason}")
     _install_einops_shim()
     sys.path.insert(0, str(kn_site))
     from knowledge_neurons import KnowledgeNeurons  # type: ignore[import-not-found]
@@ -346,6 +357,11 @@ class Result:
     def ok(self) -> bool:
         return self.status == "ok"
 
+    @property
+    def not_run(self) -> str:
+        """``skipped (why)`` for an absent optional engine, ``not run (why)`` for a failure."""
+        return f"{'skipped' if self.status == 'skipped' else 'not run'} ({self.reason})"
+
 
 class Worker:
     """One (model, engine) worker process, driven line by line."""
@@ -450,15 +466,23 @@ class Worker:
 def measure(model: str, args: argparse.Namespace, tmp: Path) -> tuple[list[Result], dict[str, Path]]:
     """All engines of one model, timed in interleaved rounds: every round runs each engine
     once (in a rotating order), so that all engines see the same drift of the machine's
-    speed. The workers load one after another and wait, idle, while another one runs."""
+    speed. The workers load one after another and wait, idle, while another one runs.
+    An optional engine that is not installed gets a ``skipped`` result and no worker."""
     paths = {e: tmp / f"{model}-{e}.npy" for e in args.engines if e in ("knowloc", *LOOPS)}
-    workers = [Worker(model, e, args, paths.get(e)) for e in args.engines]
-    for r in range(args.repeats):
+    skipped: dict[str, Result] = {}
+    for e in args.engines:
+        reason = skip_reason(e, args.kn_site)
+        if reason is not None:
+            print(f"  skipping {model} / {e}: {reason}", file=sys.stderr, flush=True)
+            skipped[e] = Result(model, e, "skipped", reason)
+    workers = [Worker(model, e, args, paths.get(e)) for e in args.engines if e not in skipped]
+    for r in range(args.repeats if workers else 0):
         print(f"  {model}: round {r + 1}/{args.repeats}", file=sys.stderr, flush=True)
         order = workers[r % len(workers) :] + workers[: r % len(workers)]
         for w in order:
             w.time_once()
-    results = [w.finish() for w in workers]
+    finished = {w.engine: w.finish() for w in workers}
+    results = [skipped[e] if e in skipped else finished[e] for e in args.engines]
     ok = {r.engine for r in results if r.ok}
     return results, {e: path for e, path in paths.items() if e in ok}
 
@@ -502,7 +526,7 @@ def report(
                 f"{r.peak_gib:>8.2f} {r.model_gib:>9.2f} {r.peak_gib - r.model_gib:>10.2f}"
             )
         else:
-            print(f"{r.model:<19} {ENGINE_LABELS[r.engine]:<24} {'-':>8}  not run ({r.reason})")
+            print(f"{r.model:<19} {ENGINE_LABELS[r.engine]:<24} {'-':>8}  {r.not_run}")
     print(
         "s/query: median wall time; cpu s: median process CPU time per query; other load: share "
         "of the machine's CPU used by other processes while timing (timings are only "
@@ -537,7 +561,7 @@ def report(
                 continue
             label = ENGINE_LABELS[r.engine]
             if not r.ok:
-                parts.append(f"{label} not run ({r.reason})")
+                parts.append(f"{label} {r.not_run}")
                 continue
             part = f"{label} {fmt_s(r.seconds)} s/query (peak {r.peak_gib:.1f} GiB)"
             if r is tuned and ours_ok:
@@ -558,7 +582,7 @@ def report(
                     f"{model}: knowledge-neurons {fmt_s(kn.seconds)} s/query (peak {kn.peak_gib:.1f} GiB)"
                 )
             else:
-                print(f"knowledge-neurons: not run ({kn.reason})")
+                print(f"{model}: knowledge-neurons {kn.not_run}")
 
 
 def source_fingerprint() -> dict[str, str | None]:

@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/modification.py                        # 3 facts, built-in PPL corpus
-    python benchmarks/modification.py --facts 5 --ppl-text ../shared/data/wikitext2/wiki.test.raw
+    python benchmarks/modification.py --facts 5 --ppl-text wikitext2/wiki.test.raw
     python benchmarks/modification.py --ops erase --sets local --json runs/bench_modify.json
 
 One unit of work is what ``knowloc modify`` does for one fact: for every query of the fact

@@ -1,4 +1,4 @@
-"""KN-consistency analysis (paper §2.1, eq. 1, Table 1, Table 4; METHODS.md §2).
+"""KN-consistency analysis (paper §2.1, eq. 1, Table 1, Table 4; docs/methods.md §2).
 
 Given the knowledge neurons N_i of every neighbor query q_i of a fact, this module computes
 
@@ -153,7 +153,7 @@ def consistency_scores(
             queries whose neuron set is empty.
         neurons: one row per knowledge neuron (columns ``method, fact_id, query_id, layer,
             neuron`` are used). Duplicate rows are counted once.
-        population: ``"known"`` (default, METHODS §2) keeps, per method, only facts whose
+        population: ``"known"`` (default, docs/methods.md §2) keeps, per method, only facts whose
             gold answer is the model's top-1 on at least one of their queries; other facts
             are kept in the output with ``skipped = "not known by the model"``. ``"all"``
             keeps every fact.
@@ -280,15 +280,23 @@ def consistency_scores(
 # Otsu
 # --------------------------------------------------------------------------------------------
 def otsu_threshold(values: Sequence[float] | np.ndarray, nbins: int = 256) -> float:
-    """Otsu's threshold: the histogram cut that maximizes the between-class variance.
+    """Otsu's threshold: the class boundary that maximizes the between-class variance.
 
-    The histogram has ``nbins`` equal bins over ``[min(values), max(values)]``; candidate
-    thresholds are the bin centers, and a value ``v`` belongs to the upper class when
-    ``v > threshold``. For bin index ``k`` the between-class variance (up to the constant
-    factor ``1 / N²``) is ``w0(k) · w1(k) · (μ0(k) − μ1(k))²`` with ``w0`` the number of values
-    in bins ``0..k``, ``w1`` the number in bins ``k+1..``, ``μ0, μ1`` their mean bin centers.
-    This is the same construction as :func:`skimage.filters.threshold_otsu`, so the two agree
-    exactly on float data (ties go to the lowest bin).
+    The histogram has ``nbins`` equal bins over ``[min(values), max(values)]``, closed on the
+    right: bin ``k`` holds ``e_k < v <= e_(k+1)`` (bin 0 also holds the minimum). Each value
+    stands for its bin centre. Splitting after bin ``k`` puts bins ``0..k`` in the lower
+    class; its between-class variance (up to the constant factor ``1 / N²``) is
+    ``w0(k) · w1(k) · (μ0(k) − μ1(k))²`` with ``w0`` the number of values in bins ``0..k``,
+    ``w1`` the number in bins ``k+1..``, ``μ0, μ1`` their mean bin centres. The returned
+    threshold is the upper edge ``e_(k+1)`` of the last lower bin, so ``v > threshold``
+    selects exactly the upper class of the maximizing split: the whole lower bin stays in
+    the lower class (K_II). Ties go to the lowest ``k``, i.e. the boundary right above the
+    lower class.
+
+    This is the construction of :func:`skimage.filters.threshold_otsu` (same histogram,
+    same maximizing bin on values that do not sit exactly on a bin edge), except that
+    scikit-image returns the centre of that bin, which would move the values in its upper
+    half to the upper class.
 
     Non-finite values are ignored. If all values are equal (degenerate input) that value is
     returned: nothing lies above it, so every value falls in the lower class (K_II).
@@ -298,6 +306,7 @@ def otsu_threshold(values: Sequence[float] | np.ndarray, nbins: int = 256) -> fl
     """
     if int(nbins) != nbins or nbins < 2:
         raise ValueError(f"nbins must be an integer >= 2, got {nbins!r}")
+    nbins = int(nbins)
     x = np.asarray(values, dtype=float).ravel()
     x = x[np.isfinite(x)]
     if x.size == 0:
@@ -306,9 +315,11 @@ def otsu_threshold(values: Sequence[float] | np.ndarray, nbins: int = 256) -> fl
     if lo == hi:
         return lo
 
-    counts, edges = np.histogram(x, bins=int(nbins), range=(lo, hi))
+    edges = np.linspace(lo, hi, nbins + 1)
+    # right-closed bins: the first edge >= v closes v's bin
+    bins = np.clip(np.searchsorted(edges, x, side="left") - 1, 0, nbins - 1)
+    counts = np.bincount(bins, minlength=nbins).astype(float)
     centers = (edges[:-1] + edges[1:]) / 2.0
-    counts = counts.astype(float)
 
     w0 = np.cumsum(counts)  # values at or below bin k
     w1 = np.cumsum(counts[::-1])[::-1]  # values at or above bin k
@@ -318,7 +329,7 @@ def otsu_threshold(values: Sequence[float] | np.ndarray, nbins: int = 256) -> fl
     # split between bin k and bin k+1
     between = w0[:-1] * w1[1:] * (mu0[:-1] - mu1[1:]) ** 2
     between = np.nan_to_num(between, nan=-np.inf)
-    return float(centers[int(np.argmax(between))])
+    return float(edges[int(np.argmax(between)) + 1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,7 +353,9 @@ def split_facts(scores: pd.DataFrame, threshold: Threshold = 0.1) -> pd.DataFram
         scores: the output of :func:`consistency_scores`.
         threshold: a number (static threshold; 0.1 as in Table 4) or ``"otsu"``: Otsu's
             threshold computed separately for each method over that method's non-skipped
-            CS2 values (Table 4: "calculated separately based on each batch of data").
+            CS2 values (Table 4: "calculated separately based on each batch of data"). It
+            is the boundary of the variance-maximizing split (see :func:`otsu_threshold`),
+            so ``cs2 > threshold`` reproduces that split exactly.
 
     Returns:
         The non-skipped rows of ``scores`` (skipped facts are excluded) with two added
