@@ -216,6 +216,10 @@ def attention_sections(store: RunStore, mres: ModifyResult | None, ares: Attenti
                      store.path("figure5.csv"))],
             figures=fig5,
         ))
+        effects = (ares.effects.merge(ares.split[["method", "fact_id", "kind"]],
+                                      on=["method", "fact_id"]) if len(ares.effects) else None)
+        if effects is not None and ares.only_known:
+            effects = effects[effects["known"].astype(bool)]
         sections.append(Section(
             title="Knowledge synapses (Figure 6)",
             html=(
@@ -232,10 +236,8 @@ def attention_sections(store: RunStore, mres: ModifyResult | None, ares: Attenti
                 "any prompt and the Self / Irrelevant comparison saturates; the variant with "
                 "position 0 excluded from both sets is shown beside it. Known queries only "
                 "(unless the stage ran with --all-queries). " + SPREAD_NOTE + ".</p>"),
-            tables=[("Figure 6 data (mean ΔValue / ΔProb)", figure6_display(
-                ares.figure6, ares.effects.merge(ares.split[["method", "fact_id", "kind"]],
-                                                 on=["method", "fact_id"])
-                if len(ares.effects) else None), store.path("figure6.csv"))],
+            tables=[("Figure 6 data (mean ΔValue / ΔProb)",
+                     figure6_display(ares.figure6, effects), store.path("figure6.csv"))],
             figures=fig6,
         ))
         figs: list[tuple[str, Path, Path | None]] = []

@@ -60,7 +60,8 @@ def format_value(value: Any, fmt: str) -> str:
         return f"{100 * float(value):.0f}%"
     if fmt == "yes":
         return "yes" if bool(value) else "no"
-    return f"{float(value):{fmt}}".replace("-", "−")
+    text = f"{float(value):{fmt}}"
+    return "−" + text[1:] if text.startswith("-") else text
 
 
 def format_table(df: pd.DataFrame, columns: list[Column]) -> pd.DataFrame:
@@ -81,7 +82,8 @@ def mean_pm(mean: float, half: float, digits: int = 2) -> str:
     """``mean ± half`` (95% CI half-width), the half left out when it is undefined."""
     if pd.isna(mean):
         return "–"
-    text = f"{mean:.{digits}f}".replace("-", "−")
+    text = f"{mean:.{digits}f}"
+    text = "−" + text[1:] if text.startswith("-") else text
     return text if pd.isna(half) else f"{text} ± {half:.{digits}f}"
 
 
@@ -282,15 +284,20 @@ def figure4_display(figure4: pd.DataFrame, per_query: pd.DataFrame | None) -> pd
 def figure6_display(figure6: pd.DataFrame, effects: pd.DataFrame | None) -> pd.DataFrame:
     """Figure 6's means (ΔValue, ΔProb per kind, synapse set and operation) as mean ± 95%
     CI half-width over the queries (``effects`` with ``kind``), with n."""
+    def half_width(r: Any, operation: str) -> float:
+        if effects is None:
+            return float("nan")
+        g = effects[(effects["method"] == r.method)
+                    & (effects["first"].astype(bool) == bool(r.first))
+                    & (effects["kind"] == r.kind) & (effects["synapses"] == r.synapses)
+                    & (effects["operation"] == operation)]
+        _, half, n = ci95(g[r.metric])
+        return half if r.operation == "avg" or n == int(r.n) else float("nan")
+
     rows = []
     for r in figure6.itertuples():
-        half = float("nan")
-        if effects is not None and r.operation != "avg":
-            g = effects[(effects["method"] == r.method)
-                        & (effects["first"].astype(bool) == bool(r.first))
-                        & (effects["kind"] == r.kind) & (effects["synapses"] == r.synapses)
-                        & (effects["operation"] == r.operation)]
-            half = ci95(g[r.metric])[1]
+        half = (float(np.hypot(half_width(r, "sup"), half_width(r, "enh")) / 2)
+                if r.operation == "avg" else half_width(r, r.operation))
         rows.append({"method": method_label(str(r.method)),
                      "synapses": "as defined" if r.first else "position 0 excluded",
                      "kind": r.kind, "set": r.synapses, "op": r.operation,
