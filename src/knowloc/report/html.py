@@ -302,6 +302,10 @@ dl.kl-run-info-list dd { margin: 0; }
 pre { background: var(--zebra); border: 1px solid var(--line); border-radius: 4px;
   padding: .6rem .8rem; overflow-x: auto; font-size: .85rem; }
 summary { cursor: pointer; color: var(--muted); }
+@media (max-width: 760px) {
+  body { padding: 1rem 1rem 3rem; }
+  table.kl-table th, table.kl-table td { padding: .25rem .45rem; }
+}
 """
 
 
