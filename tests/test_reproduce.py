@@ -40,6 +40,17 @@ def test_reproduce_writes_a_complete_report(tiny_dir, facts_file, tmp_path, caps
     # quick preset: 2 facts per relation -> 2 methods x (2 x 4 + 2 x 3) queries
     assert len(q) == 2 * (2 * 4 + 2 * 3)
     assert not q.duplicated(["method", "query_id"]).any()
+    # the overview describes what ran, not the preset's text; timings add up every invocation
+    text = report.read_text(encoding="utf-8")
+    assert "as run: 2 relations, 4 facts, 3–4 queries per fact (14 queries), IG/AMIG, 3 steps" \
+        in text
+    assert "IG/SIG/AMIG" not in text
+    assert "Localization compute, all invocations together" in text
+    # the paper's headers in HTML and Markdown alike; the CSV keeps the machine names
+    assert "<th>R: I</th>" in text and "<th>∩: II</th>" in text and "cap_II" not in text
+    md1 = (out / "table1.md").read_text()
+    assert md1.startswith("| method | T | threshold | n | R: I | S: I | R: II | S: II |")
+    assert "cap_II" in t1.columns
 
 
 def test_consistency_command_matches_reproduce(tiny_dir, facts_file, tmp_path, capsys):

@@ -132,7 +132,12 @@ def reproduce(
     from .pipeline.mapping import MappingConfig, query_kn_mapping
     from .pipeline.modify import ModifyConfig, modify
     from .pipeline.run import model_fingerprint, seed_everything
-    from .report.sections import overview_section, write_report
+    from .report.sections import (
+        effective_configuration,
+        overview_section,
+        timing_text,
+        write_report,
+    )
     from .report.stages import (
         present_attention,
         present_consistency,
@@ -244,7 +249,8 @@ def reproduce(
         queries = queries.assign(seconds=float("nan"))
     path = write_report(
         store, title=f"knowloc report: {model.name}, preset {p.name}",
-        overview=overview_section(fingerprint, p.name, p.description, p.selection, p.population),
+        overview=overview_section(fingerprint, p.name, effective_configuration(config, queries),
+                                  p.selection, p.population, timing_text(tt, timings)),
         queries=queries, screened=screened, n_layers=model.n_layers,
         consistency=(cres, cshown), modification=mres, mapping=mapping, attention=attention,
         run_info={"model": model.name, "dataset": facts.source, "sizes": sizes,

@@ -121,13 +121,24 @@ def _is_missing(value: Any) -> bool:
         return False
 
 
+#: A number already formatted for display: ``0.52``, ``−1.3e-05``, ``0.52 ± 0.10``, ``45%``.
+_FORMATTED = re.compile(r"^[−+-]?\d[\d,]*(\.\d+)?(e[−+-]?\d+)?%?( ± \d+(\.\d+)?)?$|^–$")
+
+
+def _formatted_numbers(column: pd.Series) -> bool:
+    """Whether a text column holds numbers formatted for display (right-aligned)."""
+    values = [v for v in column if isinstance(v, str)]
+    return bool(values) and len(values) == len(column) and all(_FORMATTED.match(v) for v in values) \
+        and any(v != "–" for v in values)
+
+
 def _cell(value: Any, numeric_column: bool) -> tuple[str, bool]:
     """(escaped text, right-align) of one table cell; missing values show as a dash."""
     if _is_missing(value):
         return "–", numeric_column
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return html.escape(format_number(value)), True
-    return html.escape(str(value)), False
+    return html.escape(str(value)), numeric_column
 
 
 def _rel_href(target: Path, base_dir: Path) -> str:
@@ -158,8 +169,9 @@ def _render_table(caption: str, df: pd.DataFrame, csv: Path | None, base_dir: Pa
     cols = [str(c) for c in shown.columns]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     numeric_cols = [
-        pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)
-        for dtype in shown.dtypes
+        (pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype))
+        or _formatted_numbers(shown[col])
+        for col, dtype in zip(shown.columns, shown.dtypes, strict=True)
     ]
     rows = []
     for values in shown.itertuples(index=False, name=None):
@@ -290,6 +302,10 @@ dl.kl-run-info-list dd { margin: 0; }
 pre { background: var(--zebra); border: 1px solid var(--line); border-radius: 4px;
   padding: .6rem .8rem; overflow-x: auto; font-size: .85rem; }
 summary { cursor: pointer; color: var(--muted); }
+@media (max-width: 760px) {
+  body { padding: 1rem 1rem 3rem; }
+  table.kl-table th, table.kl-table td { padding: .25rem .45rem; }
+}
 """
 
 

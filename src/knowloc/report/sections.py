@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..attribution import get_method, method_names
+from ..attribution import get_method, method_names, sort_methods
 from ..neurons import Selection
 from ..pipeline.attention import AttentionResult
 from ..pipeline.consistency import ConsistencyResult
@@ -19,7 +19,23 @@ from ..store import RunStore
 from .figures import kn_layers, method_label
 from .html import Section, build_report
 from .stages import Shown
-from .tables import corpus_note, localization_summary, screen_summary
+from .stats import SPREAD_NOTE, run_kinds
+from .tables import (
+    EXAMPLES_DISPLAY,
+    FIGURE5_DISPLAY,
+    LOCALIZATION_DISPLAY,
+    SCREEN_DISPLAY,
+    corpus_note,
+    edit_display,
+    edits_with_kinds,
+    figure4_display,
+    figure6_display,
+    format_table,
+    localization_summary,
+    screen_summary,
+    table1_display,
+    table3_display,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +49,47 @@ def violin_caption(method: str) -> str:
     return f"CS2 per relation, {method_label(method)}" + (f" (Figure {figure})" if figure else "")
 
 
-def overview_section(model: dict[str, Any], preset: str, description: str, selection: Selection,
-                     population: str) -> Section:
+def effective_configuration(config: dict[str, Any], queries: pd.DataFrame) -> str:
+    """What the run actually computed, in words: from its ``config.yaml`` (methods, steps)
+    and its tables (relations, facts, queries per fact)."""
+    loc = config.get("localize", {})
+    methods = sort_methods(queries["method"]) if len(queries) else list(loc.get("methods", []))
+    per_fact = queries.drop_duplicates("query_id").groupby("fact_id").size() \
+        if len(queries) else pd.Series(dtype=int)
+    n_rel = queries["relation"].nunique() if len(queries) else 0
+    qpf = (f"{per_fact.min()}" if per_fact.min() == per_fact.max()
+           else f"{per_fact.min()}–{per_fact.max()}") if len(per_fact) else "0"
+    steps = config.get("fingerprint", {}).get("n_steps", loc.get("n_steps"))
+    return (f"{n_rel} relation{'s' if n_rel != 1 else ''}, {len(per_fact)} facts, "
+            f"{qpf} queries per fact ({queries['query_id'].nunique() if len(queries) else 0} "
+            f"queries), {'/'.join(method_label(m).split(' ')[0] for m in methods)}, "
+            f"{steps} steps")
+
+
+def timing_text(timings: pd.DataFrame, last: dict[str, float]) -> str:
+    """Cumulative localization time over every invocation (the ``timings`` table) and what
+    the last invocation took, stage by stage."""
+    total = float(timings["seconds"].sum()) if len(timings) else 0.0
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in last.items() if k != "total")
+    return (f"Localization compute, all invocations together: {total:.0f} s over "
+            f"{len(timings)} (method, query) pairs. The last invocation took "
+            f"{last.get('total', float('nan')):.0f} s ({stages}).")
+
+
+def overview_section(model: dict[str, Any], preset: str, effective: str, selection: Selection,
+                     population: str, timing: str = "") -> Section:
+    """The run in a paragraph: model, what was computed (``effective``), selection,
+    population, and (``timing``) how long it took."""
     return Section(
         title="Overview",
         html=(
             f"<p>Model <b>{html.escape(model['name'])}</b> ({model['adapter']} adapter, "
             f"{model['n_layers']} layers &times; {model['d_mlp']} MLP neurons). Preset "
-            f"<b>{preset}</b>: {html.escape(description)}. Knowledge neurons of a query: "
-            f"attribution &gt; {selection.value} &times; max ({selection.mode}). "
-            f"Population: facts whose answer is the model's top-1 on at least one query "
-            f"({'applied' if population == 'known' else 'not applied: all facts'}).</p>"
+            f"<b>{html.escape(preset)}</b>, as run: {html.escape(effective)}. Knowledge "
+            f"neurons of a query: attribution &gt; {selection.value} &times; max "
+            f"({selection.mode}). Population: facts whose answer is the model's top-1 on at "
+            f"least one query ({'applied' if population == 'known' else 'not applied: all facts'}"
+            f").</p>" + (f"<p>{html.escape(timing)}</p>" if timing else "") +
             "<p>The paper (Chen et al., ICLR 2025) reports that most facts are K<sub>II</sub>: "
             "their paraphrased queries do not share knowledge neurons, against the "
             "knowledge-localization assumption.</p>"
@@ -66,11 +112,12 @@ def localization_section(store: RunStore, queries: pd.DataFrame, screened: pd.Da
         ["method", "relation", "prompt", "answer", "predicted", "prob", "known", "n_neurons"]]
     return Section(
         title="Localization",
-        tables=[("Knowledge neurons per query, by method", summary,
+        tables=[("Knowledge neurons per query, by method",
+                 format_table(summary, LOCALIZATION_DISPLAY),
                  store.path("localization_summary.csv")),
-                ("Screened queries per relation (one forward pass each)", screened_summary,
-                 store.path("screen_summary.csv")),
-                ("Example queries (first 30)", examples, None)],
+                ("Screened queries per relation (one forward pass each)",
+                 format_table(screened_summary, SCREEN_DISPLAY), store.path("screen_summary.csv")),
+                ("Example queries (first 30)", format_table(examples, EXAMPLES_DISPLAY), None)],
         figures=[("Share of knowledge neurons per layer", layer_png, layer_csv)],
     )
 
@@ -86,7 +133,7 @@ def consistency_section(store: RunStore, cres: ConsistencyResult, shown: Shown) 
             "between the CS<sub>2</sub> of K<sub>I</sub> and K<sub>II</sub>. &cap;:II: share "
             "of facts every method puts in K<sub>II</sub>.</p>"
         ),
-        tables=[("Table 1", cres.table1, store.path("table1.csv")),
+        tables=[("Table 1", table1_display(cres.table1), store.path("table1.csv")),
                 ("Facts skipped by the consistency analysis", cres.skipped,
                  store.path("consistency_skipped.csv"))],
         figures=[(violin_caption(m), png, csv) for m, (png, csv) in shown.figures.items()],
@@ -113,8 +160,9 @@ def modification_sections(store: RunStore, mres: ModifyResult | None,
                 "(facts of other relations) whose top-1 is unchanged. "
                 f"&Delta;PPL on {mres.ppl['n_entries']} entries drawn per edit (first "
                 f"{mres.ppl['max_tokens']} tokens each). <b>{note}</b> Empty neuron sets "
-                "are counted, never averaged as successes.</p>"),
-            tables=[("Table 2", mres.table2, store.path("table2.csv"))],
+                "are counted, never averaged as successes. " + SPREAD_NOTE + ".</p>"),
+            tables=[("Table 2", edit_display(mres.table2, edits_with_kinds(store, mres)),
+                     store.path("table2.csv"))],
         ))
     if ires is not None and ishown is not None:
         sections.append(Section(
@@ -126,8 +174,11 @@ def modification_sections(store: RunStore, mres: ModifyResult | None,
                 "Refine (in more than one N<sub>j</sub>). &Delta;Prob = &plusmn;(P<sub>a</sub> "
                 "&minus; P<sub>b</sub>)/P<sub>b</sub>, &minus; for suppression; Avg is their "
                 "mean. Known queries only; a query whose neighbor set is empty is counted in "
-                "n_empty and left out of the means.</p>"),
-            tables=[("Figure 4 data (mean ΔProb)", ires.figure4, store.path("figure4.csv"))],
+                "n_empty and left out of the means. " + SPREAD_NOTE + ".</p>"),
+            tables=[("Figure 4 data (mean ΔProb)", figure4_display(
+                ires.figure4, ires.interventions.merge(run_kinds(store, "intervene"),
+                                                       on=["method", "fact_id"])
+                if len(ires.interventions) else None), store.path("figure4.csv"))],
             figures=[(f"Query-KN mapping, {method_label(m)} (Figure 4)", png, csv)
                      for m, (png, csv) in ishown.figures.items()],
         ))
@@ -161,9 +212,14 @@ def attention_sections(store: RunStore, mres: ModifyResult | None, ares: Attenti
                 "(BOS / attention sink), which wins almost every query in models with a sink, "
                 "and without it. Split K<sub>I</sub>/K<sub>II</sub> by CS<sub>2</sub> of the "
                 f"method's knowledge neurons. {len(set(pred['fact_id']))} facts.</p>"),
-            tables=[("Figure 5 data (P per fact)", pred, store.path("figure5.csv"))],
+            tables=[("Figure 5 data (P per fact)", format_table(pred, FIGURE5_DISPLAY),
+                     store.path("figure5.csv"))],
             figures=fig5,
         ))
+        effects = (ares.effects.merge(ares.split[["method", "fact_id", "kind"]],
+                                      on=["method", "fact_id"]) if len(ares.effects) else None)
+        if effects is not None and ares.only_known:
+            effects = effects[effects["known"].astype(bool)]
         sections.append(Section(
             title="Knowledge synapses (Figure 6)",
             html=(
@@ -179,9 +235,9 @@ def attention_sections(store: RunStore, mres: ModifyResult | None, ares: Attenti
                 "BOS / sink token, one per head), so suppressing them disables attention for "
                 "any prompt and the Self / Irrelevant comparison saturates; the variant with "
                 "position 0 excluded from both sets is shown beside it. Known queries only "
-                "(unless the stage ran with --all-queries).</p>"),
-            tables=[("Figure 6 data (mean ΔValue / ΔProb)", ares.figure6,
-                     store.path("figure6.csv"))],
+                "(unless the stage ran with --all-queries). " + SPREAD_NOTE + ".</p>"),
+            tables=[("Figure 6 data (mean ΔValue / ΔProb)",
+                     figure6_display(ares.figure6, effects), store.path("figure6.csv"))],
             figures=fig6,
         ))
         figs: list[tuple[str, Path, Path | None]] = []
@@ -212,7 +268,8 @@ def attention_sections(store: RunStore, mres: ModifyResult | None, ares: Attenti
                 "without <code>candidates</code>), edited for all the fact's known queries "
                 "at once like N<sub>g</sub>. Same erasure / update evaluation as Table 2. "
                 f"<b>{html.escape(corpus_note(mres.ppl))}</b></p>"),
-            tables=[("Table 3", mres.table3, store.path("table3.csv"))],
+            tables=[("Table 3", table3_display(mres.table3, edits_with_kinds(store, mres)),
+                     store.path("table3.csv"))],
         ))
     return sections
 

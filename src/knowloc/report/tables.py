@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .. import consistency as cons
 from ..attribution import sort_methods
 from ..pipeline.attention import AttentionResult
 from ..pipeline.consistency import ConsistencyResult
@@ -18,6 +17,7 @@ from ..pipeline.mapping import MappingResult
 from ..pipeline.modify import EDIT_OPS, EDIT_SETS, ModifyResult
 from ..store import RunStore
 from .figures import method_label
+from .stats import SPREAD_NOTE, ci95, run_kinds
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +32,91 @@ def corpus_note(ppl_cfg: dict[str, Any]) -> str:
     return f"ΔPPL measured on {ppl_cfg.get('source')}."
 
 
-def _f(x: Any) -> str:
-    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.2f}"
+#: A displayed column: (column of the machine table, the paper's header, format). Formats:
+#: ``""`` text, ``"d"`` integer, ``".2f"``-style specs, ``"%"`` a share in percent,
+#: ``"yes"`` a boolean.
+Column = tuple[str, str, str]
+
+TABLE1_DISPLAY: list[Column] = [
+    ("method", "method", ""), ("T", "T", ""), ("threshold", "threshold", ".3f"),
+    ("n_facts", "n", "d"), ("R_I", "R: I", ".2f"), ("S_I", "S: I", ".3f"),
+    ("R_II", "R: II", ".2f"), ("S_II", "S: II", ".3f"), ("t", "t", ".1f"), ("p", "p", ".1e"),
+    ("cap_II", "∩: II", ".2f"),
+]
+OP_TITLES = {"erase": "Erasure", "update": "Update"}
+METRICS_DISPLAY: list[tuple[str, str]] = [("rel", "Rel"), ("gen", "Gen"), ("loc", "Loc"),
+                                          ("avg", "Avg"), ("dppl", "ΔPPL")]
 
 
-def table2_markdown(t2: pd.DataFrame, corpus_note: str = "") -> str:
-    """Table 2 as Markdown: one block per model and method, rows set × op × K_I/K_II."""
+def format_value(value: Any, fmt: str) -> str:
+    """One cell in the column's format; a missing value is a dash."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return "–"
+    if fmt == "":
+        return str(value)
+    if fmt == "d":
+        return str(int(value))
+    if fmt == "%":
+        return f"{100 * float(value):.0f}%"
+    if fmt == "yes":
+        return "yes" if bool(value) else "no"
+    text = f"{float(value):{fmt}}"
+    return "−" + text[1:] if text.startswith("-") else text
+
+
+def format_table(df: pd.DataFrame, columns: list[Column]) -> pd.DataFrame:
+    """``df`` with the paper's headers and one format per column (text cells)."""
+    return pd.DataFrame({header: [format_value(v, fmt) for v in df[col]]
+                         for col, header, fmt in columns if col in df.columns})
+
+
+def markdown_table(display: pd.DataFrame) -> str:
+    """A display table (:func:`format_table`) as a Markdown table."""
+    lines = ["| " + " | ".join(display.columns) + " |",
+             "|" + "|".join("---" for _ in display.columns) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in display.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def mean_pm(mean: float, half: float, digits: int = 2) -> str:
+    """``mean ± half`` (95% CI half-width), the half left out when it is undefined."""
+    if pd.isna(mean):
+        return "–"
+    text = f"{mean:.{digits}f}"
+    text = "−" + text[1:] if text.startswith("-") else text
+    return text if pd.isna(half) else f"{text} ± {half:.{digits}f}"
+
+
+def edit_display(table: pd.DataFrame, edits: pd.DataFrame | None) -> pd.DataFrame:
+    """Table 2/3 rows for display: set, op, kind, n (edits), each metric as mean ± 95% CI
+    half-width over the edits (from ``edits`` with a ``kind`` column; the table's means
+    alone when the per-edit rows do not match the table's counts), empty sets."""
+    rows = []
+    for r in table.itertuples():
+        row = {"method": method_label(str(r.method)), "set": SET_LABELS.get(r.set, r.set),
+               "op": r.op, "kind": r.kind, "n": str(int(r.n_edits))}
+        g = None
+        if edits is not None and len(edits):
+            g = edits[(edits["method"] == r.method) & (edits["set"] == r.set)
+                      & (edits["op"] == r.op) & (edits["kind"] == r.kind)
+                      & (edits["status"] == "ok")]
+            if len(g) != int(r.n_edits):
+                log.warning("table 2/3: %d edits found for %s/%s/%s/%s, the table has %d; "
+                            "shown without spread", len(g), r.method, r.set, r.op, r.kind,
+                            int(r.n_edits))
+                g = None
+        for col, header in METRICS_DISPLAY:
+            half = ci95(g[col])[1] if g is not None else float("nan")
+            row[header] = mean_pm(getattr(r, col), half)
+        row["empty sets"] = str(int(r.n_empty))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def table2_markdown(t2: pd.DataFrame, corpus_note: str = "",
+                    edits: pd.DataFrame | None = None) -> str:
+    """Table 2 as Markdown: one block per model and method, rows set × op × K_I/K_II, each
+    metric as mean ± 95% CI half-width over the edits (``edits`` with their ``kind``)."""
     lines = ["# Table 2: knowledge modification", ""]
     if corpus_note:
         lines += [corpus_note, ""]
@@ -45,71 +124,86 @@ def table2_markdown(t2: pd.DataFrame, corpus_note: str = "") -> str:
         return "\n".join(lines + ["(no edits)"])
     for (model_name, method), g in t2.groupby(["model", "method"], sort=False):
         lines += [f"## {model_name}, {method_label(str(method))}", "",
-                  "| set | op | kind | Rel | Gen | Loc | Avg | ΔPPL | edits | empty sets |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in g.itertuples():
-            lines.append(f"| {SET_LABELS.get(r.set, r.set)} | {r.op} | {r.kind} | {_f(r.rel)} | "
-                         f"{_f(r.gen)} | {_f(r.loc)} | {_f(r.avg)} | {_f(r.dppl)} | "
-                         f"{r.n_edits} | {r.n_empty} |")
-        lines.append("")
+                  markdown_table(edit_display(g, edits).drop(columns="method")), ""]
     lines.append("Rel and Gen of erasure are 1 − accuracy; all metrics better when higher "
-                 "except ΔPPL. Empty neuron sets are not edits and are not averaged.")
+                 "except ΔPPL. Empty neuron sets are not edits and are not averaged. "
+                 + SPREAD_NOTE + ".")
     return "\n".join(lines)
 
 
-def table3_markdown(t3: pd.DataFrame, corpus_note: str = "") -> str:
+def table3_display(t3: pd.DataFrame, edits: pd.DataFrame | None) -> pd.DataFrame:
+    """Table 3 in the paper's layout: rows method × K_I/K_II × {N_i, N_g, CAS}, columns
+    Erasure and Update (Rel, Gen, Loc, Avg, ΔPPL as mean ± 95% CI half-width) and n."""
+    shown = edit_display(t3, edits)
+    out = []
+    for (method, kind, set_label), g in shown.groupby(["method", "kind", "set"], sort=False):
+        row = {"method": method, "kind": kind, "set": set_label}
+        for op in EDIT_OPS:
+            r = g[g["op"] == op]
+            for _, header in METRICS_DISPLAY:
+                row[f"{OP_TITLES[op]} {header}"] = r[header].iloc[0] if len(r) else "–"
+            row[f"{OP_TITLES[op]} n"] = r["n"].iloc[0] if len(r) else "–"
+        out.append(row)
+    order = {SET_LABELS[k]: i for i, k in enumerate(EDIT_SETS)}
+    df = pd.DataFrame(out)
+    if df.empty:
+        return df
+    return df.assign(_k=df["kind"].map({"K_I": 0, "K_II": 1}), _s=df["set"].map(order)) \
+        .sort_values(["method", "_k", "_s"], kind="mergesort").drop(columns=["_k", "_s"]) \
+        .reset_index(drop=True)
+
+
+def table3_markdown(t3: pd.DataFrame, corpus_note: str = "",
+                    edits: pd.DataFrame | None = None) -> str:
     """Table 3 as Markdown: per model and method, rows K_I/K_II × {N_i, N_g, CAS}, columns
-    Erasure and Update (Rel, Gen, Loc, Avg, ΔPPL)."""
+    Erasure and Update (Rel, Gen, Loc, Avg, ΔPPL) with n."""
     lines = ["# Table 3: Consistency-Aware KN modification", ""]
     if corpus_note:
         lines += [corpus_note, ""]
     if t3.empty:
         return "\n".join(lines + ["(no edits)"])
-    metrics = ("rel", "gen", "loc", "avg", "dppl")
-    names = ("Rel", "Gen", "Loc", "Avg", "ΔPPL")
     for (model_name, method), g in t3.groupby(["model", "method"], sort=False):
         lines += [f"## {model_name}, {method_label(str(method))}", "",
-                  "| kind | set | " + " | ".join(f"Erasure {n}" for n in names) + " | "
-                  + " | ".join(f"Update {n}" for n in names) + " | edits (erase/update) |",
-                  "|---|---|" + "---|" * (2 * len(names) + 1)]
-        for kind in ("K_I", "K_II"):
-            for set_kind in EDIT_SETS:
-                cells, counts = [], []
-                for op in EDIT_OPS:
-                    r = g[(g["kind"] == kind) & (g["set"] == set_kind) & (g["op"] == op)]
-                    cells += [_f(float(r[m].iloc[0])) if len(r) else "–" for m in metrics]
-                    counts.append(str(int(r["n_edits"].iloc[0])) if len(r) else "–")
-                if all(c == "–" for c in counts):
-                    continue
-                lines.append(f"| {kind} | {SET_LABELS[set_kind]} | " + " | ".join(cells)
-                             + f" | {'/'.join(counts)} |")
-        lines.append("")
+                  markdown_table(table3_display(g, edits).drop(columns="method")), ""]
     lines.append("CAS: neurons with CAS = 0.7 μ − 0.3 σ of the max-normalized attribution "
                  "over the fact's queries above 0.3 × max CAS, chosen among ∪ N_i (so the "
                  "set is a subset of N_g). Rel and Gen of erasure are 1 − accuracy; higher "
-                 "is better except ΔPPL.")
+                 "is better except ΔPPL. " + SPREAD_NOTE + ".")
     return "\n".join(lines)
+
+
+def table1_display(t1: pd.DataFrame) -> pd.DataFrame:
+    """Table 1 with the paper's headers and formats."""
+    return format_table(t1, TABLE1_DISPLAY)
 
 
 def write_table1(store: RunStore, res: ConsistencyResult) -> str:
     """``table1.csv``, ``table1.md`` and ``consistency_skipped.csv``; returns the Markdown."""
-    md = cons.table1_markdown(res.table1)
+    md = markdown_table(table1_display(res.table1)) + "\n"
     res.table1.to_csv(store.path("table1.csv"), index=False)
     store.path("table1.md").write_text(md + "\n")
     res.skipped.to_csv(store.path("consistency_skipped.csv"), index=False)
     return md
 
 
+def edits_with_kinds(store: RunStore, res: ModifyResult) -> pd.DataFrame:
+    """The stage's edits with the K_I/K_II kind of their fact."""
+    if res.edits.empty:
+        return res.edits.assign(kind=pd.Series(dtype=str))
+    return res.edits.merge(run_kinds(store, "modify"), on=["method", "fact_id"])
+
+
 def write_tables23(store: RunStore, res: ModifyResult) -> tuple[str, str | None]:
     """``table2.csv``/``.md`` and, with CAS edits, ``table3.csv``/``.md``; returns the
     Markdown of both (None for a missing Table 3)."""
     note = corpus_note(res.ppl)
-    md2 = table2_markdown(res.table2, corpus_note=note)
+    edits = edits_with_kinds(store, res)
+    md2 = table2_markdown(res.table2, corpus_note=note, edits=edits)
     res.table2.to_csv(store.path("table2.csv"), index=False)
     store.path("table2.md").write_text(md2 + "\n")
     md3 = None
     if res.table3 is not None:
-        md3 = table3_markdown(res.table3, corpus_note=note)
+        md3 = table3_markdown(res.table3, corpus_note=note, edits=edits)
         res.table3.to_csv(store.path("table3.csv"), index=False)
         store.path("table3.md").write_text(md3 + "\n")
     return md2, md3
@@ -143,3 +237,70 @@ def screen_summary(screened: pd.DataFrame) -> pd.DataFrame:
     return (screened.groupby("relation").agg(queries=("query_id", "count"),
                                              known_share=("known", "mean"),
                                              mean_prob=("prob", "mean")).reset_index())
+
+
+LOCALIZATION_DISPLAY: list[Column] = [
+    ("method", "method", ""), ("queries", "queries", "d"), ("known_share", "known", "%"),
+    ("mean_prob", "mean P(answer)", ".3f"), ("mean_neurons", "mean |N_i|", ".1f"),
+    ("median_neurons", "median |N_i|", ".1f"), ("empty_sets", "empty N_i", "d"),
+    ("seconds_per_query", "s / query", ".2f"),
+]
+SCREEN_DISPLAY: list[Column] = [("relation", "relation", ""), ("queries", "queries", "d"),
+                                ("known_share", "known", "%"),
+                                ("mean_prob", "mean P(answer)", ".3f")]
+EXAMPLES_DISPLAY: list[Column] = [
+    ("method", "method", ""), ("relation", "relation", ""), ("prompt", "query", ""),
+    ("answer", "answer", ""), ("predicted", "top-1", ""), ("prob", "P(answer)", ".3f"),
+    ("known", "known", "yes"), ("n_neurons", "|N_i|", "d"),
+]
+FIGURE5_DISPLAY: list[Column] = [
+    ("method", "method", ""), ("relation", "relation", ""), ("fact_id", "fact", ""),
+    ("kind", "kind", ""), ("first", "position 0", "yes"), ("P", "P", ".2f"),
+    ("token", "most attended token", ""), ("n_queries", "queries", "d"),
+]
+METRIC_LABELS = {"delta_value": "ΔValue", "delta_prob": "ΔProb"}
+
+
+def figure4_display(figure4: pd.DataFrame, per_query: pd.DataFrame | None) -> pd.DataFrame:
+    """Figure 4's means (ΔProb of Sup / Enh, their Avg) as mean ± 95% CI half-width over the
+    queries (``per_query``: interventions with ``kind``), with n and the empty sets."""
+    rows = []
+    for r in figure4.itertuples():
+        half = {}
+        if per_query is not None:
+            g = per_query[(per_query["method"] == r.method) & (per_query["kind"] == r.kind)
+                          & (per_query["set"] == r.set) & (per_query["status"] == "ok")]
+            half = {op: ci95(g.loc[g["op"] == op, "delta_prob"])[1]
+                    for op in ("suppress", "enhance")}
+        hs, he = half.get("suppress", np.nan), half.get("enhance", np.nan)
+        rows.append({"method": method_label(str(r.method)), "kind": r.kind, "set": r.set,
+                     "n": str(int(r.n_queries) - int(r.n_empty)),
+                     "Sup ΔProb": mean_pm(r.suppress, hs), "Enh ΔProb": mean_pm(r.enhance, he),
+                     "Avg": mean_pm(r.avg, float(np.hypot(hs, he) / 2)),
+                     "empty sets": str(int(r.n_empty))})
+    return pd.DataFrame(rows)
+
+
+def figure6_display(figure6: pd.DataFrame, effects: pd.DataFrame | None) -> pd.DataFrame:
+    """Figure 6's means (ΔValue, ΔProb per kind, synapse set and operation) as mean ± 95%
+    CI half-width over the queries (``effects`` with ``kind``), with n."""
+    def half_width(r: Any, operation: str) -> float:
+        if effects is None:
+            return float("nan")
+        g = effects[(effects["method"] == r.method)
+                    & (effects["first"].astype(bool) == bool(r.first))
+                    & (effects["kind"] == r.kind) & (effects["synapses"] == r.synapses)
+                    & (effects["operation"] == operation)]
+        _, half, n = ci95(g[r.metric])
+        return half if r.operation == "avg" or n == int(r.n) else float("nan")
+
+    rows = []
+    for r in figure6.itertuples():
+        half = (float(np.hypot(half_width(r, "sup"), half_width(r, "enh")) / 2)
+                if r.operation == "avg" else half_width(r, r.operation))
+        rows.append({"method": method_label(str(r.method)),
+                     "synapses": "as defined" if r.first else "position 0 excluded",
+                     "kind": r.kind, "set": r.synapses, "op": r.operation,
+                     "metric": METRIC_LABELS.get(r.metric, r.metric), "n": str(int(r.n)),
+                     "mean ± 95% CI": mean_pm(r.value, half, 3)})
+    return pd.DataFrame(rows)
