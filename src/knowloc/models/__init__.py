@@ -9,11 +9,12 @@ from __future__ import annotations
 from . import compat, forward
 from .adapters import ADAPTERS, Adapter, find_adapter, supported_architectures
 from .forward import activations_and_probs, last_activations, next_token_probs
-from .model import DTYPES, ActivationFn, Model, load_model, resolve_device, resolve_dtype, wrap
+from .model import DTYPES, TARGETS, ActivationFn, Model, load_model, resolve_device, resolve_dtype, wrap
 
 __all__ = [
     "ADAPTERS",
     "DTYPES",
+    "TARGETS",
     "ActivationFn",
     "Adapter",
     "Model",
