@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -109,7 +111,8 @@ class Attribution:
             blob = torch.load(Path(path), map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise DataError(f"no such attribution file: {path}") from None
-        except Exception as exc:
+        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError,
+                struct.error) as exc:
             raise DataError(f"{path} is not a saved knowloc attribution ({exc})") from None
         if not isinstance(blob, dict) or blob.get("format") != SAVE_FORMAT:
             raise DataError(f"{path} is not a saved knowloc attribution")

@@ -58,6 +58,7 @@ __all__ = [
     "SIG_MODES",
     "AttributionConfig",
     "AttributionMethod",
+    "abs_sum_normalize",
     "amig_baseline",
     "baselines",
     "get_method",
@@ -68,7 +69,6 @@ __all__ = [
     "register_method",
     "sig_baseline",
     "sort_methods",
-    "abs_sum_normalize",
     "unregister_method",
     "zero_baseline",
 ]

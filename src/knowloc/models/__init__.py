@@ -8,8 +8,23 @@ from __future__ import annotations
 
 from . import compat, forward
 from .adapters import ADAPTERS, Adapter, find_adapter, supported_architectures
-from .forward import activations_and_probs, last_activations, next_token_probs
-from .model import DTYPES, TARGETS, ActivationFn, Model, load_model, resolve_device, resolve_dtype, wrap
+from .forward import (
+    AnswerScores,
+    activations_and_probs,
+    answer_scores,
+    last_activations,
+    next_token_probs,
+)
+from .model import (
+    DTYPES,
+    TARGETS,
+    ActivationFn,
+    Model,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+    wrap,
+)
 
 __all__ = [
     "ADAPTERS",
@@ -17,8 +32,10 @@ __all__ = [
     "TARGETS",
     "ActivationFn",
     "Adapter",
+    "AnswerScores",
     "Model",
     "activations_and_probs",
+    "answer_scores",
     "compat",
     "find_adapter",
     "forward",
