@@ -2,7 +2,9 @@
 
 One layer at a time, the full sequence through the whole model for every step (batched over
 the steps of one layer), logits only at the last position. This is the loop existing tools
-use. It shares nothing with knowloc.attribution but the model's adapter (which module is the
+use. With ``target="all"`` the sequence is the prompt followed by the gold answer tokens but
+the last (teacher forcing), the patch stays at the last prompt position, and the target is
+the product of the answer tokens' probabilities at the positions that predict them. It shares nothing with knowloc.attribution but the model's adapter (which module is the
 down projection).
 
 It computes in the model's dtype when that is float64 (a float64 copy of a real model makes
@@ -61,13 +63,22 @@ def reference_baselines(model, ids: list[int], method: str, sig_mode: str = "mea
     return base.mean(0, keepdim=True) if sig_mode == "mean" else base
 
 
+def reference_answer_prob(logits: torch.Tensor, n_prompt: int, answer: list[int]) -> torch.Tensor:
+    """[batch] teacher-forced P(answer) from full-sequence logits [batch, seq, vocab]."""
+    p = torch.ones(logits.shape[0], dtype=logits.dtype)
+    for i, t in enumerate(answer):
+        p = p * torch.softmax(logits[:, n_prompt - 1 + i], -1)[:, t]
+    return p
+
+
 def reference_attribute(model, prompt: str, answer: str, method: str = "ig", n_steps: int = 20,
-                        sig_mode: str = "mean") -> torch.Tensor:
+                        sig_mode: str = "mean", target: str = "first") -> torch.Tensor:
     tok = model.tokenizer
     ids = tok(prompt)["input_ids"]
     full = tok(prompt + " " + answer)["input_ids"]
-    target = full[len(ids)]
-    x_ids = torch.tensor([ids]).repeat(n_steps, 1)
+    answer_ids = full[len(ids):] if target == "all" else full[len(ids):len(ids) + 1]
+    x_ids = torch.tensor([ids + answer_ids[:-1]]).repeat(n_steps, 1)
+    pos = len(ids) - 1
     work = _work_dtype(model)
     a = _last_acts(model, torch.tensor([ids]))[0].to(work)
     bases = reference_baselines(model, ids, method, sig_mode)
@@ -79,14 +90,14 @@ def reference_attribute(model, prompt: str, answer: str, method: str = "ig", n_s
 
             def patch(mod, args, x=x):
                 h = args[0].clone()
-                h[:, -1] = x
+                h[:, pos] = x
                 return (h,) + tuple(args[1:])
 
             handle = model.down_proj(l).register_forward_pre_hook(patch)
             try:
                 with torch.enable_grad():
-                    logits = model.hf(input_ids=x_ids).logits[:, -1].to(work)
-                    p = torch.softmax(logits, -1)[:, target]
+                    logits = model.hf(input_ids=x_ids).logits.to(work)
+                    p = reference_answer_prob(logits, len(ids), answer_ids)
                     (g,) = torch.autograd.grad(p.sum(), x)
             finally:
                 handle.remove()
@@ -94,5 +105,5 @@ def reference_attribute(model, prompt: str, answer: str, method: str = "ig", n_s
     if method == "sig":
         scores = scores / scores.norm()
     elif method == "amig":
-        scores = scores / scores.sum()
+        scores = scores / scores.sum().abs()
     return scores

@@ -200,3 +200,40 @@ def test_pararel_load_p36(pararel):
     # the same source given as a plain directory
     same = load_facts(pararel, relations=["P36"], facts_per_relation=3)
     assert [q.query_id for q in same.queries()] == qids
+
+
+def test_gemma_amig_negative_sum_selects_positive_contributions(gemma):
+    """"The government of France is based in the city of" -> Paris: the raw AMIG map sums
+    to < 0 on the embedded Gemma; divided by |sum| the knowledge neurons are the neurons
+    with the largest positive contribution (the raw sum's sign would pick the opposite)."""
+    from knowloc.attribution.methods import (
+        AttributionMethod,
+        amig_baseline,
+        register_method,
+        unregister_method,
+    )
+
+    q = ("The government of France is based in the city of", "Paris")
+    amig = attribute(gemma, q, "amig", n_steps=20, progress=False)
+    register_method(AttributionMethod(name="amig_raw", label="raw", baseline=amig_baseline))
+    try:
+        raw = attribute(gemma, q, "amig_raw", n_steps=20, progress=False)
+    finally:
+        unregister_method("amig_raw")
+    assert amig.top1 and float(raw.scores.sum()) < 0
+    assert float(amig.scores.sum()) == pytest.approx(-1.0, rel=1e-4)
+    kn = knowledge_neurons(amig, threshold=0.2)
+    top = {(layer, n) for layer, n, _, _ in raw.top(len(kn))}
+    assert kn and set(kn) == top
+    assert all(float(raw.scores[layer, n]) > 0 for layer, n in kn)
+
+
+def test_gemma_numeric_answer_target(gemma):
+    """" 1961" is a space token then digits on Gemma: ``first`` is never the bare space, and
+    ``all`` is the product over the five tokens."""
+    prompt = "Alan Turing was born in the year"
+    first = attribute(gemma, (prompt, "1912"), "ig", n_steps=4, progress=False)
+    assert gemma.tokenizer.decode(first.target_ids) == " 1"
+    whole = attribute(gemma, (prompt, "1912"), "ig", n_steps=4, target="all", progress=False)
+    assert gemma.tokenizer.decode(whole.target_ids) == " 1912"
+    assert whole.prob < first.prob

@@ -84,11 +84,12 @@ def test_a_registered_method_runs_end_to_end(gxa):
     assert method_names()[-1] == "gxa" and method_names()[:3] == ("ig", "sig", "amig")
     assert get_method("gxa") is gxa and gxa.figure is None
     cfg = AttributionConfig(method="gxa", n_steps=20).validate()
-    assert cfg.as_dict() == {"method": "gxa", "n_steps": 1}  # the method fixes its steps
+    assert cfg.as_dict() == {"method": "gxa", "n_steps": 1, "target": "first"}  # fixed steps
     model = _float64_tiny()
     attr = attribute(model, (PROMPT, ANSWER), "gxa", progress=False)
     want = _gradient_times_activation(model, PROMPT, ANSWER)
-    assert attr.method == "gxa" and attr.config == {"method": "gxa", "n_steps": 1}
+    assert attr.method == "gxa" and attr.config == {"method": "gxa", "n_steps": 1,
+                                                    "target": "first"}
     assert attr.scores.dtype == torch.float64
     err = float((attr.scores - want).abs().max() / want.abs().max())
     assert err < 1e-12

@@ -50,6 +50,9 @@ def _add_attr_args(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated: {_method_list()} (default: ig)")
     g.add_argument("--n-steps", type=int, default=20)
     g.add_argument("--sig-mode", default="mean", choices=["mean", "per_token"])
+    g.add_argument("--target", default="first", choices=["first", "all"],
+                   help="attribute the answer's first token, or the teacher-forced "
+                        "probability of the whole answer (default: first)")
     g.add_argument("--threshold", type=float, default=0.2,
                    help="knowledge neurons: attribution > threshold * max (default: 0.2)")
     g.add_argument("--selection", default="relative", choices=["relative", "absolute", "topk"])
@@ -331,11 +334,12 @@ def _localize_one(args, selection) -> int:
     for method in args.method:
         t = time.time()
         attr = attribute(model, (args.prompt, args.answer), method, n_steps=args.n_steps,
-                         sig_mode=args.sig_mode, internal_batch_size=args.batch_size,
+                         sig_mode=args.sig_mode, target=args.target,
+                         internal_batch_size=args.batch_size,
                          memory_budget_gb=args.memory_gb, progress=not args.quiet)
         dt = time.time() - t
         kn = neurons_frame(attr, selection)
-        answer_tok = model.tokenizer.decode([attr.target_id])
+        answer_tok = model.tokenizer.decode(attr.target_ids)
         print(f"\n{method_label(method)}  {args.prompt!r} -> {answer_tok!r}")
         print(f"  P(answer) = {attr.prob:.4f}   top-1 = {attr.predicted!r} "
               f"({'correct' if attr.top1 else 'not the answer'})   {dt:.1f} s")
@@ -364,7 +368,7 @@ def _localize_dataset(args, selection) -> int:
     model = _load(args)
     cfg = LocalizeConfig(methods=args.method, n_steps=args.n_steps, sig_mode=args.sig_mode,
                          selection=selection, internal_batch_size=args.batch_size,
-                         memory_budget_gb=args.memory_gb)
+                         memory_budget_gb=args.memory_gb, target=args.target)
     store = RunStore(args.out)
     config = {
         "fingerprint": {"model": model_fingerprint(model), "n_steps": args.n_steps,

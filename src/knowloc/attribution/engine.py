@@ -14,7 +14,14 @@ Patching the last position leaves the prompt prefix unchanged, which the engine 
   to its activation at each layer), so no separate clean run and 1/m fewer rows;
 * the output head is fused (:mod:`.head`): P(target) and its gradient w.r.t. the final
   hidden state come from two matrix products with the unembedding;
-* weights are frozen; gradients are taken only w.r.t. the patched activations.
+* weights are frozen; gradients are taken only w.r.t. the patched activations;
+* a multi-token target (``target="all"``, or a first token extended through a leading
+  whitespace-only one) is teacher-forced: every row pushes the last prompt token followed by
+  the answer tokens but the last (a short suffix on the same prefix cache); the patch stays
+  at the last prompt position, which reaches the answer positions through attention, and
+  P(answer) = prod_i P(t_i | prompt, t_<i) with its exact gradient
+  dP/dh_i = (prod_{j != i} p_j) dp_i/dh_i from the fused head at each position. A
+  one-token target runs exactly as before (a suffix of length 1).
 
 The method (:mod:`.methods`) only supplies baselines, the number of steps and the final
 normalization; the engine is the same for every method.
@@ -24,17 +31,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
+import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..models import ActivationFn, Model
 from ..models.compat import cache_kwargs, output_cache, repeat_cache_rows
-from .head import head_rows, target_prob_grad, work_dtype
+from .head import HeadOutput, head_rows, target_prob_grad, work_dtype
 from .methods import AttributionConfig, AttributionMethod
 
 log = logging.getLogger(__name__)
@@ -45,7 +55,13 @@ __all__ = ["Attribution", "PrefixRunner", "attribute", "auto_batch_size", "plan_
 @dataclass
 class Attribution:
     """Attribution scores of one query: ``scores[layer, neuron]`` (CPU; float32, or float64
-    for a float64 model)."""
+    for a float64 model).
+
+    ``prob`` is the probability of the target (``config["target"]``): the answer tokens
+    ``target_ids`` (teacher-forced product; ``target_id`` is the first of them). ``top1``:
+    greedy decoding after the prompt reproduces ``target_ids``; ``predicted`` is the greedy
+    continuation up to the first token that differs (one token for a one-token target).
+    """
 
     prompt: str
     answer: str
@@ -62,6 +78,7 @@ class Attribution:
     fact_id: str | None = None
     relation: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    target_ids: tuple[int, ...] = ()
 
     @property
     def n_layers(self) -> int:
@@ -78,6 +95,39 @@ class Attribution:
             for v, i in zip(vals, idx)
         ]
 
+    def save(self, path: str | Path) -> Path:
+        """Write the full map, the activations and every other field to ``path`` (a torch
+        file, ``.pt`` by convention); :meth:`load` reads it back exactly."""
+        path = Path(path)
+        data = asdict(self)
+        data["target_ids"] = list(self.target_ids)
+        torch.save({"format": SAVE_FORMAT, "version": SAVE_VERSION, "attribution": data}, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Attribution:
+        """An :class:`Attribution` written by :meth:`save` (tensors and values bit-identical)."""
+        try:
+            blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise DataError(f"no such attribution file: {path}") from None
+        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError,
+                struct.error) as exc:
+            raise DataError(f"{path} is not a saved knowloc attribution ({exc})") from None
+        if not isinstance(blob, dict) or blob.get("format") != SAVE_FORMAT:
+            raise DataError(f"{path} is not a saved knowloc attribution")
+        if blob.get("version") != SAVE_VERSION:
+            raise DataError(f"{path}: attribution file version {blob.get('version')!r}; this "
+                            f"knowloc reads version {SAVE_VERSION}")
+        data = dict(blob["attribution"])
+        data["target_ids"] = tuple(data["target_ids"])
+        return cls(**data)
+
+
+#: The ``format`` tag and version of :meth:`Attribution.save` files.
+SAVE_FORMAT = "knowloc.attribution"
+SAVE_VERSION = 1
+
 
 # ---------------------------------------------------------------------------- queries
 @dataclass(frozen=True)
@@ -85,13 +135,13 @@ class _Prepared:
     prompt: str
     answer: str
     ids: tuple[int, ...]
-    target_id: int
+    target_ids: tuple[int, ...]
     query_id: str | None
     fact_id: str | None
     relation: str | None
 
 
-def _prepare(model: Model, q: Any) -> _Prepared:
+def _prepare(model: Model, q: Any, target: str) -> _Prepared:
     if isinstance(q, (tuple, list)) and len(q) == 2:
         prompt, answer = q
         qid = fid = rel = None
@@ -101,23 +151,25 @@ def _prepare(model: Model, q: Any) -> _Prepared:
         fid = getattr(q, "fact_id", None)
         rel = getattr(q, "relation", None)
     ids = model.encode_prompt(prompt)
-    target = model.target_id(prompt, answer)
-    return _Prepared(prompt, answer, tuple(ids), target, qid, fid, rel)
+    targets = model.target_ids(prompt, answer, target)
+    return _Prepared(prompt, answer, tuple(ids), tuple(targets), qid, fid, rel)
 
 
 # ----------------------------------------------------------------------- memory sizing
-def _layer_bytes_per_row(model: Model, seq_len: int) -> int:
-    """Bytes one batch row keeps per decoder layer during a pass: activations saved for the
-    backward pass and its copy of the prefix keys/values."""
+def _layer_bytes_per_row(model: Model, seq_len: int, n_suffix: int = 1) -> int:
+    """Bytes one batch row keeps per decoder layer during a pass: activations of its
+    ``n_suffix`` pushed positions saved for the backward pass, and its keys/values."""
     d = model.d_model
     el = torch.finfo(model.dtype).bits // 8
-    return (12 * d + 8 * model.d_mlp + 2 * seq_len * d) * el
+    return ((12 * d + 8 * model.d_mlp) * n_suffix + 2 * (seq_len + n_suffix - 1) * d) * el
 
 
-def auto_batch_size(model: Model, seq_len: int, memory_budget_gb: float) -> int:
-    """Integration points per pass that fit ``memory_budget_gb``. A point patched at layer l
-    is a batch row in layers l..L-1: (L+1)/2 layers on average."""
-    per_point = _layer_bytes_per_row(model, seq_len) * (model.n_layers + 1) // 2
+def auto_batch_size(model: Model, seq_len: int, memory_budget_gb: float,
+                    n_suffix: int = 1) -> int:
+    """Integration points per pass that fit ``memory_budget_gb`` (``n_suffix``: positions
+    each row pushes, the answer length of a teacher-forced target). A point patched at
+    layer l is a batch row in layers l..L-1: (L+1)/2 layers on average."""
+    per_point = _layer_bytes_per_row(model, seq_len, n_suffix) * (model.n_layers + 1) // 2
     return max(1, int(memory_budget_gb * 2**30 // per_point))
 
 
@@ -143,7 +195,8 @@ def _grow(n_new: int) -> Callable[..., tuple[tuple[Any, ...], dict[str, Any]]]:
 
 
 class PrefixRunner:
-    """Runs the last prompt token on top of a cached prefix, as a "staircase" batch.
+    """Runs the last prompt token (followed by ``suffix``, the teacher-forced answer tokens
+    but the last) on top of a cached prefix, as a "staircase" batch.
 
     ``run(counts)`` starts at batch size 1 (the unpatched run, row 0); at the input of layer
     k it appends ``counts[k]`` copies of row 0, the rows that will be patched at layer k.
@@ -151,11 +204,11 @@ class PrefixRunner:
     state differs from the unpatched one: no layer runs a row whose result is known.
     """
 
-    def __init__(self, model: Model, ids: Sequence[int]):
+    def __init__(self, model: Model, ids: Sequence[int], suffix: Sequence[int] = ()):
         self.model = model
         self.ids = list(ids)
         dev = model.device
-        self.last = torch.tensor([[self.ids[-1]]], device=dev)
+        self.last = torch.tensor([[self.ids[-1], *suffix]], device=dev)
         self.cache = None
         if len(self.ids) > 1:
             with torch.no_grad():
@@ -164,8 +217,9 @@ class PrefixRunner:
             self.cache = output_cache(out)
 
     def run(self, counts: Sequence[int], act_fn: ActivationFn | None = None) -> torch.Tensor:
-        """[1 + sum(counts), d_model] final-normed last-position hidden states; row 0 is the
-        unpatched run, then the rows added at layer 0, layer 1, ... in order."""
+        """[1 + sum(counts), 1 + len(suffix), d_model] final-normed hidden states of the
+        pushed positions; row 0 is the unpatched run, then the rows added at layer 0,
+        layer 1, ... in order."""
         model = self.model
         rows, n = [], 1
         for c in counts:
@@ -188,7 +242,7 @@ class PrefixRunner:
         finally:
             for h in handles:
                 h.remove()
-        return out.last_hidden_state[:, -1]
+        return out.last_hidden_state
 
 
 # ------------------------------------------------------------------------ pass planner
@@ -207,10 +261,13 @@ def plan_passes(n_layers: int, n_per_layer: int, batch: int) -> list[list[tuple[
 class _StaircasePatch:
     """The activation function of one staircase pass (state explicit, one object per pass).
 
-    At layer ``k`` it reads row 0's activation (the unpatched run), keeps the rows that are
-    already in the batch, and appends the ``counts[k]`` patched points ``b + alpha (a - b)``
-    of that layer as leaves. In the first pass it also records the unpatched activations
-    into ``acts`` and adds a zero leaf to row 0 at every layer (the alpha = 1 points).
+    At layer ``k`` it reads row 0's activation (the unpatched run) at the last prompt
+    position (position 0 of the pushed tokens), keeps the rows that are already in the
+    batch, and puts the ``counts[k]`` patched points ``b + alpha (a - b)`` of that layer, as
+    leaves, at position 0 of the rows that joined at this layer (their answer positions keep
+    the unpatched values: the patch reaches them from the next layer on, through
+    attention). In the first pass it also records the unpatched activations into ``acts``
+    and adds a zero leaf to row 0's position 0 at every layer (the alpha = 1 points).
     """
 
     def __init__(self, model: Model, points: Sequence[tuple[int, int]], first: bool,
@@ -229,15 +286,17 @@ class _StaircasePatch:
         self.zeros: dict[int, torch.Tensor] = {}  # layer -> [D] zero leaf on row 0 (first)
 
     def __call__(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        a = h[0, -1].detach()  # the unpatched activation at this layer (row 0)
+        a = h[0, 0].detach()  # the unpatched activation at this layer (row 0)
         if self.first:
             self.acts[layer] = a
         c = self.counts[layer]
         keep = h[: h.shape[0] - c]
+        one = h.shape[1] == 1  # a one-token target: the last prompt position alone
         if self.first:
             z = torch.zeros_like(a, requires_grad=True)
             self.zeros[layer] = z
-            keep = torch.cat([keep[:1] + z, keep[1:]])
+            row0 = keep[:1] + z if one else torch.cat([keep[:1, :1] + z, keep[:1, 1:]], 1)
+            keep = torch.cat([row0, keep[1:]])
         if not c:
             return keep
         m1 = self.steps - 1
@@ -247,7 +306,28 @@ class _StaircasePatch:
         x = (b + self.alphas[j % m1, None] * (a.to(work) - b)).to(self.model.dtype)
         x.requires_grad_(True)
         self.leaves[layer] = x
-        return torch.cat([keep, x[:, None, :]])
+        new = x[:, None, :] if one else torch.cat([x[:, None, :], h[h.shape[0] - c:, 1:]], 1)
+        return torch.cat([keep, new])
+
+
+def _answer_head(model: Model, hidden: torch.Tensor, targets: Sequence[int], max_rows: int,
+                 argmax_row: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """P(answer) ``[n]`` of teacher-forced rows ``hidden`` ``[n, len(targets), d_model]``,
+    its gradient w.r.t. ``hidden`` and, with ``argmax_row``, that row's most likely token at
+    every position. P = prod_i p_i, dP/dh_i = (prod_{j != i} p_j) dp_i/dh_i (no division)."""
+    heads: list[HeadOutput] = [
+        target_prob_grad(model, hidden[:, i], t, max_rows, argmax_row=argmax_row)
+        for i, t in enumerate(targets)
+    ]
+    tops = [int(h.top) for h in heads if h.top is not None]
+    if len(heads) == 1:
+        return heads[0].prob, heads[0].grad[:, None], tops
+    p = torch.stack([h.prob for h in heads], 1)  # [n, len(targets)]
+    grads = []
+    for i, h in enumerate(heads):
+        others = torch.cat([p[:, :i], p[:, i + 1:]], 1).prod(1)
+        grads.append(others[:, None] * h.grad)
+    return p.prod(1), torch.stack(grads, 1), tops
 
 
 def _attribute_one(
@@ -268,7 +348,7 @@ def _attribute_one(
     """
     L, D, m = model.n_layers, model.d_mlp, method.steps(cfg)
     dev, work = model.device, work_dtype(model)
-    runner = PrefixRunner(model, q.ids)
+    runner = PrefixRunner(model, q.ids, q.target_ids[:-1])
     base = method.baseline(model, q.ids, cfg).to(work)  # [B0, L, D]
     n_base = base.shape[0]
     alphas = torch.arange(1, m, device=dev, dtype=work) / m  # alpha_1..alpha_{m-1}; alpha_m = 1 is row 0
@@ -279,15 +359,14 @@ def _attribute_one(
         first = n_pass == 0
         patch = _StaircasePatch(model, points, first, base, alphas, m, acts)
         with torch.enable_grad():
-            hidden = runner.run(patch.counts, patch)  # [1 + len(points), d_model]
+            hidden = runner.run(patch.counts, patch)  # [1 + len(points), n_answer, d_model]
             if first:
-                head = target_prob_grad(model, hidden.detach(), q.target_id, max_head_rows,
-                                        argmax_row=0)
-                g_hidden, pred = head.grad, head.top
-                prob = float(head.prob[0])
+                p_all, g_hidden, pred = _answer_head(model, hidden.detach(), q.target_ids,
+                                                     max_head_rows, argmax_row=0)
+                prob = float(p_all[0])
             else:  # row 0 carries no leaves here: leave it out of the head
-                g_rest = target_prob_grad(model, hidden[1:].detach(), q.target_id,
-                                          max_head_rows).grad
+                g_rest = _answer_head(model, hidden[1:].detach(), q.target_ids,
+                                      max_head_rows)[1]
                 g_hidden = torch.cat([torch.zeros_like(g_rest[:1]), g_rest])
             inputs = list(patch.leaves.values()) + list(patch.zeros.values())
             grads = torch.autograd.grad(hidden, inputs, grad_outputs=g_hidden.to(hidden.dtype))
@@ -304,21 +383,24 @@ def _attribute_one(
     scores = (diff * grad_sum / m).sum(0)
     if method.normalize is not None:
         scores = method.normalize(scores)
+    wrong = [i for i, (p, t) in enumerate(zip(pred, q.target_ids)) if p != t]
+    greedy = pred[: wrong[0] + 1] if wrong else pred
     return Attribution(
         prompt=q.prompt,
         answer=q.answer,
-        target_id=q.target_id,
+        target_id=q.target_ids[0],
         method=cfg.method,
         scores=scores.cpu(),
         activations=acts.to(work).cpu(),
         prob=prob,
-        top1=pred == q.target_id,
-        predicted_id=pred,
-        predicted=model.tokenizer.decode([pred]),
+        top1=not wrong,
+        predicted_id=pred[0],
+        predicted=model.tokenizer.decode(greedy),
         config=cfg.as_dict(),
         query_id=q.query_id,
         fact_id=q.fact_id,
         relation=q.relation,
+        target_ids=q.target_ids,
     )
 
 
@@ -331,6 +413,7 @@ def attribute(
     internal_batch_size: int | None = None,
     memory_budget_gb: float = 2.0,
     sig_mode: str = "mean",
+    target: str = "first",
     progress: bool = True,
 ) -> Attribution | list[Attribution]:
     """Attribute the gold answer of each query to the model's MLP neurons.
@@ -340,9 +423,13 @@ def attribute(
     list. ``method`` is a registered method name (:func:`~knowloc.attribution.method_names`).
     ``internal_batch_size`` is the number of integration points (layer, step) per forward
     pass; by default it is sized to ``memory_budget_gb``, which also bounds the rows per
-    block of the output head. Results do not depend on either.
+    block of the output head. Results do not depend on either. ``target`` is what is
+    attributed: ``"first"`` (the answer's first token, extended through a leading
+    whitespace-only or partial-byte token) or ``"all"`` (the teacher-forced probability of
+    the whole answer); see :meth:`knowloc.models.Model.target_ids`.
     """
-    cfg = AttributionConfig(method=method, n_steps=n_steps, sig_mode=sig_mode).validate()
+    cfg = AttributionConfig(method=method, n_steps=n_steps, sig_mode=sig_mode,
+                            target=target).validate()
     spec = cfg.spec
     if internal_batch_size is not None and (
         isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1
@@ -352,14 +439,15 @@ def attribute(
         raise ConfigError(f"memory_budget_gb must be > 0 (got {memory_budget_gb!r})")
     single = not (isinstance(queries, (list, tuple)) and not _is_pair(queries))
     qs = [queries] if single else list(queries)
-    prepared = [_prepare(model, q) for q in qs]
+    prepared = [_prepare(model, q, cfg.target) for q in qs]
     results = []
     total = sum(spec.cost(model, q.ids, cfg) for q in prepared)
     bar = tqdm(total=total, desc=f"{cfg.method} attribution", unit="pt", disable=not progress, leave=False)
     rows = head_rows(model, memory_budget_gb)
     try:
         for q in prepared:
-            bs = internal_batch_size or auto_batch_size(model, len(q.ids), memory_budget_gb)
+            bs = internal_batch_size or auto_batch_size(model, len(q.ids), memory_budget_gb,
+                                                        len(q.target_ids))
             bar.set_postfix_str(q.prompt[-40:])
             results.append(_attribute_one(model, q, cfg, spec, bs, rows, bar))
     finally:

@@ -18,9 +18,20 @@ method      baseline b_l (per layer, last position)      normalization of the ma
             with token j alone replaced by mask/pad/EOS    the whole map (eq. 14)
             (``sig_mode="per_token"``: sum of the per-
             token IGs instead, T times the cost)
-``amig``    activations of a same-length prompt whose      divided by the sum over
-            non-special tokens are all EOS                 all neurons (eq. 18)
+``amig``    activations of a same-length prompt whose      divided by the absolute
+            non-special tokens are all EOS                 value of the sum over all
+                                                           neurons (eq. 18, |sum|)
 ==========  ===========================================  ==========================
+
+Eq. 18 divides by the raw sum; when that sum is negative the whole map would flip sign and
+``Attr > 0.2 max`` would select the neurons that push *against* the answer. knowloc divides
+by ``|sum|`` instead, so the sign of every score is that of its contribution and the
+knowledge neurons are those with the largest positive contribution. Each method names its
+normalization (``normalization``), and :meth:`AttributionConfig.as_dict` records it, so
+every run's config (and cache key) says which reading made its maps.
+
+The attributed probability is that of the answer's first token (``target="first"``) or the
+teacher-forced probability of the whole answer (``"all"``, :meth:`knowloc.models.Model.target_ids`).
 
 The registry keeps registration order, which is the display order of every table and
 figure; everything that lists methods (configuration checks, CLI choices, report order)
@@ -37,7 +48,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..models import Model
+from ..models import TARGETS, Model
 from ..models.forward import last_activations
 from .head import work_dtype
 
@@ -47,6 +58,7 @@ __all__ = [
     "SIG_MODES",
     "AttributionConfig",
     "AttributionMethod",
+    "abs_sum_normalize",
     "amig_baseline",
     "baselines",
     "get_method",
@@ -57,7 +69,6 @@ __all__ = [
     "register_method",
     "sig_baseline",
     "sort_methods",
-    "sum_normalize",
     "unregister_method",
     "zero_baseline",
 ]
@@ -87,6 +98,8 @@ class AttributionMethod:
             the config, so they take part in cache keys).
         n_baselines: ``(model, ids, cfg) -> int``, the number of baselines ``baseline``
             returns; None: one.
+        normalization: a short name of ``normalize`` recorded in every config (``"l2"``,
+            ``"abs_sum"``); None without a normalization.
     """
 
     name: str
@@ -97,11 +110,15 @@ class AttributionMethod:
     fixed_steps: int | None = None
     options: tuple[str, ...] = ()
     n_baselines: CountFn | None = None
+    normalization: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.isidentifier() or self.name.lower() != self.name:
             raise ConfigError(f"an attribution method name is a lower-case identifier "
                               f"(got {self.name!r})")
+        if (self.normalize is None) != (self.normalization is None):
+            raise ConfigError(f"method {self.name!r}: give normalize and its name "
+                              "(normalization) together")
         if self.fixed_steps is not None and self.fixed_steps < 1:
             raise ConfigError(f"fixed_steps must be >= 1 (got {self.fixed_steps!r})")
 
@@ -168,6 +185,7 @@ class AttributionConfig:
     method: str = "ig"
     n_steps: int = 20
     sig_mode: str = "mean"
+    target: str = "first"
 
     def validate(self) -> AttributionConfig:
         method = get_method(self.method)
@@ -180,6 +198,8 @@ class AttributionConfig:
             )
         if self.sig_mode not in SIG_MODES:
             raise ConfigError(f"unknown sig_mode {self.sig_mode!r}; choose from {SIG_MODES}")
+        if self.target not in TARGETS:
+            raise ConfigError(f"unknown target {self.target!r}; choose from {', '.join(TARGETS)}")
         return self
 
     @property
@@ -189,7 +209,10 @@ class AttributionConfig:
 
     def as_dict(self) -> dict[str, Any]:
         method = self.spec
-        d: dict[str, Any] = {"method": self.method, "n_steps": method.steps(self)}
+        d: dict[str, Any] = {"method": self.method, "n_steps": method.steps(self),
+                             "target": self.target}
+        if method.normalization is not None:
+            d["normalization"] = method.normalization
         for option in method.options:
             d[option] = getattr(self, option)
         return d
@@ -238,10 +261,11 @@ def l2_normalize(scores: torch.Tensor) -> torch.Tensor:
     return scores / n if n > 0 else scores
 
 
-def sum_normalize(scores: torch.Tensor) -> torch.Tensor:
-    """The map divided by its sum (AMIG, eq. 18); a map summing to 0 stays as it is."""
+def abs_sum_normalize(scores: torch.Tensor) -> torch.Tensor:
+    """The map divided by the absolute value of its sum (AMIG, eq. 18 with ``|sum|``: a
+    negative sum does not flip the map's sign); a map summing to 0 stays as it is."""
     s = scores.sum()
-    return scores / s if s != 0 else scores
+    return scores / s.abs() if s != 0 else scores
 
 
 def baselines(model: Model, ids: Sequence[int], cfg: AttributionConfig) -> torch.Tensor:
@@ -257,7 +281,8 @@ def normalize(scores: torch.Tensor, method: str) -> torch.Tensor:
 
 register_method(AttributionMethod(name="ig", label="IG", baseline=zero_baseline, figure="3"))
 register_method(AttributionMethod(name="sig", label="SIG", baseline=sig_baseline,
-                                  normalize=l2_normalize, figure="8", options=("sig_mode",),
-                                  n_baselines=_sig_count))
+                                  normalize=l2_normalize, normalization="l2", figure="8",
+                                  options=("sig_mode",), n_baselines=_sig_count))
 register_method(AttributionMethod(name="amig", label="AMIG", baseline=amig_baseline,
-                                  normalize=sum_normalize, figure="9"))
+                                  normalize=abs_sum_normalize, normalization="abs_sum",
+                                  figure="9"))

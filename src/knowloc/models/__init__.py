@@ -8,16 +8,34 @@ from __future__ import annotations
 
 from . import compat, forward
 from .adapters import ADAPTERS, Adapter, find_adapter, supported_architectures
-from .forward import activations_and_probs, last_activations, next_token_probs
-from .model import DTYPES, ActivationFn, Model, load_model, resolve_device, resolve_dtype, wrap
+from .forward import (
+    AnswerScores,
+    activations_and_probs,
+    answer_scores,
+    last_activations,
+    next_token_probs,
+)
+from .model import (
+    DTYPES,
+    TARGETS,
+    ActivationFn,
+    Model,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+    wrap,
+)
 
 __all__ = [
     "ADAPTERS",
     "DTYPES",
+    "TARGETS",
     "ActivationFn",
     "Adapter",
+    "AnswerScores",
     "Model",
     "activations_and_probs",
+    "answer_scores",
     "compat",
     "find_adapter",
     "forward",

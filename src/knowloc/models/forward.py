@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ActivationFn",
+    "AnswerScores",
     "activations_and_probs",
+    "answer_scores",
     "apply_softcap",
     "final_hidden",
     "last_activations",
@@ -139,3 +141,35 @@ def activations_and_probs(model: Model, ids: Sequence[int], *,
 
     probs = next_token_probs(model, [list(ids)], act_fn=grab)
     return acts, probs[0].cpu()
+
+
+class AnswerScores(NamedTuple):
+    """What :func:`answer_scores` returns, one entry per row."""
+
+    prob: torch.Tensor  # [batch] float64 teacher-forced P(answer) (float32 value for one token)
+    greedy: torch.Tensor  # [batch, n_answer] the most likely token at each answer position
+    known: torch.Tensor  # [batch] bool: greedy decoding reproduces the whole answer
+
+
+@torch.no_grad()
+def answer_scores(model: Model, ids: TokenIds, answers: TokenIds) -> AnswerScores:
+    """Teacher-forced scores of same-length answers after same-length prompts.
+
+    ``ids`` ``[batch, seq]`` are the prompts, ``answers`` ``[batch, n]`` the target tokens
+    (:meth:`Model.target_ids`). One pass over prompt + answer[:-1]; position ``seq - 1 + i``
+    predicts answer token i. ``known`` is True when the argmax at every answer position is
+    the gold token, i.e. greedy decoding reproduces the answer. With ``n = 1`` this is
+    exactly :func:`next_token_probs` (same pass, same numbers).
+    """
+    x, a = _as_batch(model, ids), _as_batch(model, answers)
+    n = a.shape[1]
+    if n == 1:
+        probs = next_token_probs(model, x)[:, None]
+    else:
+        seq = torch.cat([x, a[:, :-1]], 1)
+        hidden = final_hidden(model, seq)[:, x.shape[1] - 1:].contiguous()
+        probs = probs_from_hidden(model, hidden.reshape(-1, hidden.shape[-1]))
+        probs = probs.reshape(a.shape[0], n, -1)
+    p = probs.gather(2, a[:, :, None])[:, :, 0]
+    greedy = probs.argmax(-1)
+    return AnswerScores(p.double().prod(1), greedy, (greedy == a).all(1))

@@ -13,14 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import DeviceError, ModelError, TokenizationError
+from ..errors import ConfigError, DeviceError, ModelError, TokenizationError
 from . import compat, forward
 from .adapters import Adapter, find_adapter
 from .forward import ActivationFn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DTYPES", "Model", "load_model", "resolve_device", "resolve_dtype", "wrap"]
+__all__ = ["DTYPES", "TARGETS", "Model", "load_model", "resolve_device", "resolve_dtype", "wrap"]
 
 def _get(root: Any, path: str) -> Any:
     obj = root
@@ -45,6 +45,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise DeviceError(f"unsupported device {str(device)!r}; use cpu or cuda")
     return dev
 
+
+#: What is attributed (and screened): ``"first"``, the answer's first token (extended
+#: through a leading whitespace-only or partial-byte token, :meth:`Model.target_ids`), or
+#: ``"all"``, the teacher-forced probability of the whole answer.
+TARGETS = ("first", "all")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -156,18 +161,28 @@ class Model:
         return list(ids)
 
     def answer_ids(self, prompt: str, answer: str) -> list[int]:
-        """Token ids of ``answer`` as it continues ``prompt`` (leading space, no specials)."""
+        """Token ids of ``answer`` as it continues ``prompt`` (leading space, no specials).
+
+        An answer that contains a special token (``<eos>``, ``<pad>``, ...) raises
+        :class:`TokenizationError`: a special token is never an answer.
+        """
         if not answer or not answer.strip():
             raise TokenizationError(f"empty answer for prompt {prompt!r}")
         answer = answer.strip()
         tok = self.tokenizer
+        special = self.special_ids()
+        named = [t for t in tok(" " + answer, add_special_tokens=False)["input_ids"] if t in special]
+        if named:
+            raise TokenizationError(
+                f"answer {answer!r} contains the special token "
+                f"{tok.convert_ids_to_tokens(named[0])!r}; an answer must be text"
+            )
         full = tok(prompt + " " + answer)["input_ids"]
         head = tok(prompt)["input_ids"]
         if full[: len(head)] == head and len(full) > len(head):
             ids = list(full[len(head):])
         else:
             ids = list(tok(" " + answer, add_special_tokens=False)["input_ids"])
-        special = set(getattr(tok, "all_special_ids", []) or [])
         ids = [i for i in ids if i not in special]
         if not ids:
             raise TokenizationError(
@@ -175,8 +190,29 @@ class Model:
             )
         return ids
 
+    def target_ids(self, prompt: str, answer: str, target: str = "first") -> list[int]:
+        """The answer tokens whose teacher-forced probability is attributed.
+
+        ``target="all"``: every token of the answer. ``"first"``: the answer's first token
+        -- extended through the following tokens when it names nothing by itself, i.e. the
+        shortest prefix of the answer that decodes to a complete (no partial UTF-8 byte)
+        text with a non-whitespace character. On most answers that is the first token; on
+        Gemma, ``" 1961"`` starts with a bare space token and ``first`` is space + ``"1"``,
+        so a target is never a whitespace-only token or a lone byte of an emoji.
+        """
+        if target not in TARGETS:
+            raise ConfigError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
+        ids = self.answer_ids(prompt, answer)
+        if target == "all":
+            return ids
+        for k in range(1, len(ids) + 1):
+            text = self.tokenizer.decode(ids[:k])
+            if text.strip() and "\ufffd" not in text:
+                return ids[:k]
+        return ids
+
     def target_id(self, prompt: str, answer: str) -> int:
-        """The first token of the gold answer (the attribution target)."""
+        """The first token of the gold answer."""
         return self.answer_ids(prompt, answer)[0]
 
     def eos_id(self) -> int:

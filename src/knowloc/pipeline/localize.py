@@ -28,7 +28,7 @@ import torch
 from ..attribution import AttributionConfig, attribute
 from ..data import Fact, FactSet, Query
 from ..models import Model
-from ..models.forward import next_token_probs
+from ..models.forward import answer_scores
 from ..neurons import Selection, neurons_frame
 from ..store import RunStore, content_hash
 from .run import model_fingerprint, with_ident
@@ -54,24 +54,23 @@ def screen_key(model: Model, fact: Fact) -> str:
 def screen_fact(model: Model, fact: Fact) -> dict[str, pd.DataFrame]:
     """Forward passes for a fact's queries, batched by token length, logits at the end only:
     the ``screen`` rows of the fact."""
-    encoded = [(q, model.encode_prompt(q.prompt), model.target_id(q.prompt, q.answer))
+    encoded = [(q, model.encode_prompt(q.prompt), model.target_ids(q.prompt, q.answer))
                for q in fact.queries]
-    by_len: dict[int, list[int]] = {}
-    for i, (_, ids, _) in enumerate(encoded):
-        by_len.setdefault(len(ids), []).append(i)
-    probs: dict[int, torch.Tensor] = {}
+    by_len: dict[tuple[int, int], list[int]] = {}
+    for i, (_, ids, target) in enumerate(encoded):
+        by_len.setdefault((len(ids), len(target)), []).append(i)
+    scores: dict[int, tuple[float, int, bool]] = {}
     for idx in by_len.values():
-        x = torch.tensor([encoded[i][1] for i in idx], device=model.device)
-        for i, row in zip(idx, next_token_probs(model, x)):
-            probs[i] = row
+        s = answer_scores(model, [encoded[i][1] for i in idx], [encoded[i][2] for i in idx])
+        for k, i in enumerate(idx):
+            scores[i] = (float(s.prob[k]), int(s.greedy[k, 0]), bool(s.known[k]))
     rows = []
     for i, (q, _, target) in enumerate(encoded):
-        p = probs[i]
-        pred = int(p.argmax())
+        prob, pred, known = scores[i]
         rows.append({"relation": q.relation, "fact_id": q.fact_id, "query_id": q.query_id,
-                     "prompt": q.prompt, "answer": q.answer, "target_id": target,
-                     "prob": float(p[target]), "predicted": model.tokenizer.decode([pred]),
-                     "known": pred == target})
+                     "prompt": q.prompt, "answer": q.answer, "target_id": target[0],
+                     "prob": prob, "predicted": model.tokenizer.decode([pred]),
+                     "known": known})
     return {"screen": pd.DataFrame(rows)}
 
 
@@ -165,10 +164,12 @@ class LocalizeConfig:
     keep_top: int = 200
     internal_batch_size: int | None = None
     memory_budget_gb: float = 2.0
+    target: str = "first"
 
     def attribution_configs(self) -> list[AttributionConfig]:
         return [
-            AttributionConfig(method=m, n_steps=self.n_steps, sig_mode=self.sig_mode).validate()
+            AttributionConfig(method=m, n_steps=self.n_steps, sig_mode=self.sig_mode,
+                              target=self.target).validate()
             for m in self.methods
         ]
 
@@ -179,6 +180,7 @@ class LocalizeConfig:
             "sig_mode": self.sig_mode,
             "selection": self.selection.as_dict(),
             "keep_top": self.keep_top,
+            "target": self.target,
         }
 
 
@@ -217,6 +219,7 @@ def localize_query(model: Model, unit: LocalizeUnit) -> dict[str, pd.DataFrame]:
         acfg.method,
         n_steps=acfg.n_steps,
         sig_mode=acfg.sig_mode,
+        target=acfg.target,
         internal_batch_size=unit.internal_batch_size,
         memory_budget_gb=unit.memory_budget_gb,
         progress=False,
