@@ -66,6 +66,8 @@ def _add_run_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="model of the run (default: from config.yaml)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: the run's)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--allow-partial", action="store_true",
+                   help="use the finished units of an unfinished run (default: refuse)")
 
 
 def _localize_parser(sub: Any) -> argparse.ArgumentParser:
@@ -88,6 +90,8 @@ def _consistency_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--population", default="known", choices=["known", "all"],
                    help="facts known (top-1 on >= 1 query) or all facts (default: known)")
     p.add_argument("--static-threshold", type=float, default=0.1)
+    p.add_argument("--allow-partial", action="store_true",
+                   help="use the finished units of an unfinished localization")
     p.add_argument("--localize", action="store_true",
                    help="first localize what is missing, with the dataset/model/attribution "
                         "options below (same as `knowloc localize`)")
@@ -411,7 +415,8 @@ def cmd_consistency(args) -> int:
                           "run `knowloc localize --dataset ... --out RUN` first")
     store = RunStore(args.run, create=False)
     shown = present_consistency(store, consistency(store, population=args.population,
-                                                   static_threshold=args.static_threshold))
+                                                   static_threshold=args.static_threshold,
+                                                   allow_partial=args.allow_partial))
     print(shown.markdown["table1"])
     print(f"\nwrote {args.run / 'table1.md'}, table1.csv, consistency.parquet and "
           f"{len(shown.figures)} violin plot(s) under {args.run / 'figures'}")
@@ -471,7 +476,8 @@ def cmd_modify(args) -> int:
         _say("no --ppl-text given: ΔPPL is measured on knowloc's small built-in English corpus, "
              "not WikiText-2")
     model = _load_run_model(args, config)
-    res = modify(model, store, cfg, ppl_text=args.ppl_text, progress=not args.quiet)
+    res = modify(model, store, cfg, ppl_text=args.ppl_text, progress=not args.quiet,
+                 allow_partial=args.allow_partial)
     shown = present_modification(store, res)
     _record_stage_config(store, "modify", {**cfg.as_dict(), "ppl": res.ppl})
     print(shown.markdown["table2"])
@@ -494,7 +500,8 @@ def cmd_intervene(args) -> int:
                         enhance=args.enhance, only_known=not args.all_queries)
     store, config = _open_run_for_editing(args)
     model = _load_run_model(args, config)
-    res = query_kn_mapping(model, store, cfg, progress=not args.quiet)
+    res = query_kn_mapping(model, store, cfg, progress=not args.quiet,
+                           allow_partial=args.allow_partial)
     shown = present_mapping(store, res)
     _record_stage_config(store, "intervene", cfg.as_dict())
     import pandas as pd
@@ -518,7 +525,7 @@ def cmd_attention(args) -> int:
     store, config = _open_run_for_editing(args)
     model = _load_run_model(args, config)
     res = attention_experiment(model, store, cfg, heatmaps=not args.no_heatmaps,
-                               progress=not args.quiet)
+                               progress=not args.quiet, allow_partial=args.allow_partial)
     shown = present_attention(store, res)
     _record_stage_config(store, "attention", cfg.as_dict())
     import pandas as pd

@@ -31,3 +31,11 @@ class TokenizationError(KnowlocError):
 
 class RunError(KnowlocError):
     """A run directory is missing, incomplete, or was made with another configuration."""
+
+
+class RunBusyError(RunError):
+    """Another process is computing in the same run directory."""
+
+
+class RunIncompleteError(RunError):
+    """A stage's input is unfinished (units missing) and partial results were not allowed."""

@@ -6,7 +6,10 @@ Layout of a run directory ``runs/<name>/``::
     env.json                    {"runs": [environment_info(), ...]} one entry per invocation
     parts/<table>/<key>.parquet one finished work unit (``put``)
     parts/<table>/<key>.empty   a finished work unit whose DataFrame has no columns
-    <table>.parquet             all parts of a table, consolidated (``consolidate``)
+    parts/<table>/.current.json the keys of the table's current configuration (``set_current``)
+    <table>.parquet             the current parts of a table, consolidated (``consolidate``)
+    threads.json                the torch thread count every unit of the run is computed with
+    .lock                       held by the process computing units (``lock``)
     ...                         figures, report.html (``path``)
 
 A *work unit* is identified by a key, normally :func:`content_hash` of everything that
@@ -16,13 +19,19 @@ exists complete or not at all: a run killed at any point resumes by skipping
 ``done_keys(table)``, and nothing is computed twice. Writing a key again replaces it.
 
 Parts are the source of truth; ``<table>.parquet`` is a derived, deterministic
-(byte-identical for identical content) snapshot for sharing and fast loading.
+(byte-identical for identical content) snapshot for sharing and fast loading. A table that
+has a current key list (written by the unit runner for each stage's configuration) shows
+only those parts, in :meth:`RunStore.table`, :meth:`RunStore.consolidate` and
+:meth:`RunStore.query`; parts of earlier configurations stay as a cache, so switching back
+to a configuration recomputes nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -34,7 +43,7 @@ import re
 import secrets
 import socket
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path, PurePath
 from typing import Any
@@ -44,7 +53,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from knowloc.errors import RunError
+from knowloc.errors import RunBusyError, RunError
 
 __all__ = ["RunStore", "content_hash", "environment_info", "to_plain"]
 
@@ -53,6 +62,9 @@ logger = logging.getLogger(__name__)
 PARTS_DIR = "parts"
 CONFIG_FILE = "config.yaml"
 ENV_FILE = "env.json"
+CURRENT_FILE = ".current.json"
+THREADS_FILE = "threads.json"
+LOCK_FILE = ".lock"
 _PART_SUFFIX = ".parquet"
 _EMPTY_SUFFIX = ".empty"
 _TMP_SUFFIX = ".tmp"
@@ -67,6 +79,9 @@ _PARQUET_OPTIONS: dict[str, Any] = {
     "write_statistics": True,
     "row_group_size": 1 << 20,
 }
+
+#: Locks this process holds: run directory -> (file descriptor, nesting depth).
+_HELD: dict[Path, tuple[int, int]] = {}
 
 _TABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]{0,199}$")
@@ -390,6 +405,101 @@ class RunStore:
         """Keys of the finished work units of ``table`` (empty set if none)."""
         return set(self._unit_files(table))
 
+    def set_current(self, table: str, keys: Sequence[str]) -> None:
+        """Record ``keys`` as the units of ``table``'s current configuration: from now on
+        :meth:`table`, :meth:`consolidate` and :meth:`query` show only their parts (the
+        others stay on disk as a cache)."""
+        tdir = self._table_dir(table)
+        tdir.mkdir(parents=True, exist_ok=True)
+        plain = sorted({self._check_key(k) for k in keys})
+        _atomic_write_text(tdir / CURRENT_FILE, json.dumps({"keys": plain}) + "\n",
+                           fsync=self.fsync)
+
+    def current_keys(self, table: str) -> set[str] | None:
+        """The keys of ``table``'s current configuration; None when it has no key list
+        (then every part is current)."""
+        path = self._table_dir(table) / CURRENT_FILE
+        if not path.exists():
+            return None
+        try:
+            keys = json.loads(path.read_text(encoding="utf-8"))["keys"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise RunError(f"{path} is not a key list ({exc}); delete it and rerun the stage "
+                           f"that writes {table}") from exc
+        return {str(k) for k in keys}
+
+    def retire(self, table: str) -> None:
+        """Make ``table`` show nothing (its configuration is stale): an empty current key
+        list, and no consolidated file. Its parts stay as a cache."""
+        self.set_current(table, [])
+        (self.root / f"{table}{_PART_SUFFIX}").unlink(missing_ok=True)
+
+    def _current_files(self, table: str) -> dict[str, Path]:
+        units = self._unit_files(table)
+        current = self.current_keys(table)
+        if current is None:
+            return units
+        return {k: p for k, p in units.items() if k in current}
+
+    def check_threads(self, n_threads: int) -> None:
+        """Record ``n_threads`` as the torch thread count of the run's units (``threads.json``),
+        or raise :class:`RunError` if the run was computed with another count: CPU results
+        depend on it in the last digits, so a run directory keeps one."""
+        path = self.root / THREADS_FILE
+        if path.exists():
+            try:
+                stored = int(json.loads(path.read_text(encoding="utf-8"))["torch_threads"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                raise RunError(f"{path} is unreadable ({exc}); fix or delete it") from exc
+            if stored != n_threads:
+                raise RunError(
+                    f"run directory {self.root} was computed with {stored} torch thread(s) and "
+                    f"this process uses {n_threads}; results depend on the thread count in the "
+                    f"last digits, so set OMP_NUM_THREADS={stored} (or call "
+                    f"torch.set_num_threads({stored})) to continue it, or pick another --out")
+            return
+        _atomic_write_text(path, json.dumps({"torch_threads": n_threads}) + "\n",
+                           fsync=self.fsync)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run directory's lock while computing (re-entrant within a process).
+
+        Raises :class:`~knowloc.errors.RunBusyError` at once when another process holds it.
+        """
+        held = _HELD.get(self.root)
+        if held is not None:
+            _HELD[self.root] = (held[0], held[1] + 1)
+            try:
+                yield
+            finally:
+                fd, depth = _HELD[self.root]
+                _HELD[self.root] = (fd, depth - 1)
+            return
+        path = self.root / LOCK_FILE
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise RunError(f"cannot write in run directory {self.root} ({exc.strerror}); "
+                           "pick another --out") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 32).decode("ascii", "replace").strip()
+            os.close(fd)
+            raise RunBusyError(
+                f"run directory {self.root} is busy: another knowloc process"
+                f"{f' (pid {owner})' if owner else ''} is computing in it; wait for it to "
+                "finish, then rerun to resume, or pick another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        _HELD[self.root] = (fd, 1)
+        try:
+            yield
+        finally:
+            del _HELD[self.root]
+            os.close(fd)  # releases the lock
+
     def has(self, table: str, key: str) -> bool:
         """Whether the unit ``key`` of ``table`` is finished."""
         self._check_key(key)
@@ -419,28 +529,34 @@ class RunStore:
             marker.unlink(missing_ok=True)
         logger.debug("stored %s/%s (%d rows)", table, key, len(df))
 
-    def get(self, table: str, key: str) -> pd.DataFrame:
-        """The DataFrame stored for one unit; KeyError if it is not done."""
+    def get(self, table: str, key: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """The DataFrame stored for one unit (only ``columns`` when given); KeyError if it is
+        not done, RunError if its file is unreadable or lacks one of ``columns``."""
         self._check_key(key)
         tdir = self._table_dir(table)
         part = tdir / f"{key}{_PART_SUFFIX}"
         if part.exists():
-            return pq.read_table(part).to_pandas()
+            try:
+                return pq.read_table(part, columns=list(columns) if columns else None).to_pandas()
+            except (OSError, pa.ArrowException) as exc:
+                raise RunError(f"unit file {part} is unreadable ({exc}); delete it and rerun "
+                               "to recompute it") from exc
         if (tdir / f"{key}{_EMPTY_SUFFIX}").exists():
             return pd.DataFrame()
         raise KeyError(f"{table}/{key}")
 
     def table(self, table: str, *, with_key: bool = False) -> pd.DataFrame:
-        """All parts of ``table`` concatenated: ordered by key, then by row within a part.
+        """The current parts of ``table`` concatenated: ordered by key, then by row within a
+        part (all parts when the table has no current key list, see :meth:`set_current`).
 
         Returns an empty DataFrame if there are no parts. With ``with_key`` a ``_key``
         column tells which unit each row came from. If the table has no parts but a
         consolidated ``<table>.parquet`` exists, that file is returned.
         """
-        units = self._unit_files(table)
+        units = self._current_files(table)
         if not units:
             consolidated = self.root / f"{table}{_PART_SUFFIX}"
-            if consolidated.exists():
+            if consolidated.exists() and self.current_keys(table) is None:
                 return pq.read_table(consolidated).to_pandas()
             return pd.DataFrame()
         frames: list[pd.DataFrame] = []
@@ -460,7 +576,8 @@ class RunStore:
         return _concat(frames)
 
     def consolidate(self, table: str, sort_by: list[str] | None = None) -> Path:
-        """Write ``<root>/<table>.parquet`` from the parts, atomically and deterministically.
+        """Write ``<root>/<table>.parquet`` from the current parts, atomically and
+        deterministically.
 
         Rows are in :meth:`table` order, or stably sorted by ``sort_by``. Identical
         content gives a byte-identical file (fixed writer options, no index metadata).
@@ -483,7 +600,7 @@ class RunStore:
     def query(self, sql: str) -> pd.DataFrame:
         """Run DuckDB SQL in which every table of the run is a view of the same name.
 
-        A table is read from its parts (the source of truth) when it has any, otherwise
+        A table is read from its current parts (the source of truth) when it has any, otherwise
         from its consolidated ``<table>.parquet``. Tables whose units are all empty
         (no columns) have no view.
         """
@@ -493,18 +610,16 @@ class RunStore:
         try:
             views: list[str] = []
             for name in self.tables():
-                tdir = self.root / PARTS_DIR / name
-                has_parts = tdir.is_dir() and any(
-                    e.name.endswith(_PART_SUFFIX) and not e.name.startswith(".")
-                    for e in os.scandir(tdir)
-                )
-                if has_parts:
-                    source = _sql_str(str(tdir / f"*{_PART_SUFFIX}"))
+                files = sorted(str(p) for p in self._current_files(name).values()
+                               if p.suffix == _PART_SUFFIX)
+                if files:
+                    source = "[" + ", ".join(_sql_str(f) for f in files) + "]"
                     con.execute(
                         f'CREATE VIEW "{name}" AS SELECT * FROM '
                         f"read_parquet({source}, union_by_name=true)"
                     )
-                elif (self.root / f"{name}{_PART_SUFFIX}").exists():
+                elif (self.root / f"{name}{_PART_SUFFIX}").exists() and \
+                        self.current_keys(name) is None:
                     source = _sql_str(str(self.root / f"{name}{_PART_SUFFIX}"))
                     con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM read_parquet({source})')
                 else:

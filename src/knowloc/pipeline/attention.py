@@ -224,7 +224,8 @@ def attention_units(model: Model, run: RunFacts, cfg: AttentionConfig) -> list[U
                       for m, by_q in kns.items()),
             irrelevant=tuple(irr.items()), alpha=cfg.alpha, suppress=cfg.suppress,
             enhance=cfg.enhance, rows=cfg.rows)
-        units.append(Unit(key, payload, f"{fact.relation} {fact.fact_id[:30]}"))
+        units.append(Unit(key, payload, f"{fact.relation} {fact.fact_id[:30]}",
+                          {"relation": fact.relation, "fact_id": fact.fact_id}))
     return units
 
 
@@ -237,6 +238,7 @@ def attention_experiment(
     heatmaps: bool = True,
     progress: bool = True,
     executor: Executor | None = None,
+    allow_partial: bool = False,
 ) -> AttentionResult:
     """Predominance (Figure 5), knowledge synapses and their suppression/enhancement
     (Figure 6) for every fact of the run's K_I/K_II split, and the activation heatmaps of
@@ -251,7 +253,8 @@ def attention_experiment(
     """
     t0 = time.time()
     cfg.validate()
-    run = read_run(store, cfg.methods, cfg.split_threshold, query_ids)
+    run = read_run(store, cfg.methods, cfg.split_threshold, query_ids,
+                   allow_partial=allow_partial)
     stats = run_units(attention_units(model, run, cfg), attend_fact, store, model=model,
                       marker="predominance", consolidate=ATTENTION_TABLES, executor=executor,
                       desc="attention", unit_name="fact", progress=progress)
@@ -491,7 +494,8 @@ def heatmap_panels(model: Model, store: RunStore, run: RunFacts, cfg: AttentionC
                             "factors": [CONDITIONS["suppress"], CONDITIONS["enhance"]]})
         units.append(Unit(key, HeatmapUnit(kind, method, fact_id, tuple(prompts), tuple(labels),
                                            tuple(tuple(n) for n in neurons), cfg.alpha, cfg.rows,
-                                           cfg.heatmap_neurons), f"{kind} {fact_id[:30]}"))
+                                           cfg.heatmap_neurons), f"{kind} {fact_id[:30]}",
+                          {"panel": kind, "method": method, "fact_id": fact_id}))
     run_units(units, heatmap_unit, store, model=model, marker="heatmaps", executor=executor,
               desc="heatmaps", unit_name="panel", progress=progress)
     return {u.payload.kind: HeatmapPanel(u.payload.fact_id, method, store.get("heatmaps", u.key))

@@ -15,7 +15,7 @@ import pandas as pd
 from .. import consistency as cons
 from ..errors import RunError
 from ..store import RunStore
-from .units import Executor, Unit, run_units
+from .units import Executor, Unit, require_complete, run_units
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +46,17 @@ def consistency_scores(model: Any, unit: ConsistencyUnit) -> dict[str, pd.DataFr
 
 
 def consistency(store: RunStore, *, population: str = "known", static_threshold: float = 0.1,
-                query_ids: set[str] | None = None,
-                executor: Executor | None = None) -> ConsistencyResult:
+                query_ids: set[str] | None = None, executor: Executor | None = None,
+                allow_partial: bool = False) -> ConsistencyResult:
     """CS1/CS2 per fact and method, K_I/K_II splits, Welch's t-test and Table 1.
+
+    Refuses a run whose localization is unfinished (:func:`require_complete`) unless
+    ``allow_partial``.
 
     Writes ``consistency.parquet``; :func:`knowloc.report.stages.present_consistency` writes
     Table 1 and the violin plots.
     """
+    require_complete(store, "queries", stage="localize", allow_partial=allow_partial)
     queries = store.table("queries")
     neurons = store.table("neuron_sets")
     if query_ids is not None:

@@ -97,6 +97,7 @@ def screen(model: Model, facts: FactSet, store: RunStore, *, progress: bool = Tr
         by_rel = {r: fs[:max_per_relation] for r, fs in by_rel.items()}
     pos = dict.fromkeys(by_rel, 0)
     known = dict.fromkeys(by_rel, 0)
+    screened: list[str] = []
     wave = 0
     while True:
         batch: list[Fact] = []
@@ -109,13 +110,17 @@ def screen(model: Model, facts: FactSet, store: RunStore, *, progress: bool = Tr
         if not batch:
             break
         wave += 1
-        units = [Unit(screen_key(model, f), f, f"{f.relation} {f.fact_id}") for f in batch]
+        units = [Unit(screen_key(model, f), f, f"{f.relation} {f.fact_id}",
+                      {"relation": f.relation, "fact_id": f.fact_id}) for f in batch]
         run_units(units, screen_fact, store, model=model, marker="screen", executor=executor,
                   desc="screening" if wave == 1 else f"screening (wave {wave})",
                   unit_name="fact", progress=progress)
+        screened += [u.key for u in units]
         for unit, fact in zip(units, batch):
-            if bool(store.get("screen", unit.key)["known"].any()):
+            part = store.get("screen", unit.key)
+            if bool(part.loc[part["fact_id"] == fact.fact_id, "known"].any()):
                 known[fact.relation] += 1
+    store.set_current("screen", screened)  # every wave's facts
     table = store.table("screen")
     ids = {q.query_id for q in facts.queries()}
     return table[table["query_id"].isin(ids)].reset_index(drop=True)
@@ -246,6 +251,19 @@ def localize_query(model: Model, unit: LocalizeUnit) -> dict[str, pd.DataFrame]:
             "queries": pd.DataFrame([row])}
 
 
+def retire_downstream(store: RunStore) -> None:
+    """Retire every table computed from the localized queries (consistency and the stages
+    after it): a run directory holds one localization, and their rows belong to another.
+    Their parts stay as a cache; rerunning those stages restores them without computing."""
+    own = {"screen", *LOCALIZE_TABLES}
+    stale = [t for t in store.tables() if t not in own]
+    for table in stale:
+        store.retire(table)
+    if stale:
+        log.warning("the run's localization changed: retired %s; rerun consistency and the "
+                    "stages after it", ", ".join(stale))
+
+
 @dataclass
 class LocalizeResult:
     store: RunStore
@@ -269,9 +287,14 @@ def localize(
         Unit(unit_key(model, q, acfg, cfg.selection),
              LocalizeUnit(q, acfg, cfg.selection, cfg.keep_top, cfg.internal_batch_size,
                           cfg.memory_budget_gb),
-             f"{acfg.method} {q.relation} {q.prompt[-30:]}")
+             f"{acfg.method} {q.relation} {q.prompt[-30:]}",
+             {"method": acfg.method, "relation": q.relation, "fact_id": q.fact_id,
+              "query_id": q.query_id})
         for acfg in cfg.attribution_configs() for q in facts.queries()
     ]
+    before = store.current_keys("queries")
+    if before is not None and before != {u.key for u in units}:
+        retire_downstream(store)
     stats = run_units(units, localize_query, store, model=model, marker="queries",
                       consolidate=LOCALIZE_TABLES, executor=executor, desc="localizing",
                       unit_name="query", progress=progress)

@@ -119,6 +119,7 @@ def query_kn_mapping(
     query_ids: set[str] | None = None,
     progress: bool = True,
     executor: Executor | None = None,
+    allow_partial: bool = False,
 ) -> MappingResult:
     """Suppress (×0) / enhance (×2) the activations of Self N_i and of the neighbor sets
     Union / Intersection / Refine at the last position and record ΔProb (Figure 4).
@@ -128,7 +129,8 @@ def query_kn_mapping(
     """
     t0 = time.time()
     cfg.split_threshold = parse_threshold(cfg.split_threshold)
-    run = read_run(store, cfg.methods, cfg.split_threshold, query_ids)
+    run = read_run(store, cfg.methods, cfg.split_threshold, query_ids,
+                   allow_partial=allow_partial)
     config = {k: v for k, v in cfg.as_dict().items() if k not in ("methods", "split_threshold")}
     units = []
     for method in run.methods:
@@ -149,7 +151,9 @@ def query_kn_mapping(
                                         for q in fq.itertuples()),
                                   tuple((qid, tuple(ns)) for qid, ns in sets.items()),
                                   cfg.suppress, cfg.enhance)
-            units.append(Unit(key, payload, f"{method} {fact.fact_id[:30]}"))
+            units.append(Unit(key, payload, f"{method} {fact.fact_id[:30]}",
+                              {"method": method, "relation": fact.relation,
+                               "fact_id": fact.fact_id}))
     stats = run_units(units, intervene_fact, store, model=model, marker="interventions",
                       consolidate={"interventions": INTERVENTION_SORT}, executor=executor,
                       desc="intervening", unit_name="fact", progress=progress)

@@ -360,7 +360,10 @@ def edit_units(model: Model, run: RunFacts, store: RunStore, cfg: ModifyConfig,
                         lambda1=cfg.lambda1, lambda2=cfg.lambda2, update_sign=cfg.update_sign,
                         gen_on=cfg.gen_on, ppl=ppl)
                     units.append(Unit(key, payload,
-                                      f"{method} {op} {set_kind} {fact.fact_id[:30]}"))
+                                      f"{method} {op} {set_kind} {fact.fact_id[:30]}",
+                                      {"method": method, "relation": fact.relation,
+                                       "fact_id": fact.fact_id, "op": op,
+                                       "set": set_kind}))
     return units
 
 
@@ -373,6 +376,7 @@ def modify(
     query_ids: set[str] | None = None,
     progress: bool = True,
     executor: Executor | None = None,
+    allow_partial: bool = False,
 ) -> ModifyResult:
     """Erase/update the knowledge neurons of every known query of the run's K_I/K_II facts.
 
@@ -380,10 +384,12 @@ def modify(
     vectors of N_i (``local``) or N_g = ∪_j N_j (``global``), evaluates Rel/Gen/Loc/Avg, their
     probability-based versions and ΔPPL (:func:`knowloc.evaluation.evaluate_edit`) and
     restores the weights. Work units are (method, fact, op, set), content-hashed and
-    resumable. Writes ``edits.parquet`` and ``metrics.parquet`` (Table 2).
+    resumable; the tables hold the units of ``cfg`` only. Writes ``edits.parquet`` and
+    ``metrics.parquet`` (Table 2).
     """
     cfg.validate()
-    run = read_run(store, cfg.methods, cfg.split_threshold, query_ids)
+    run = read_run(store, cfg.methods, cfg.split_threshold, query_ids,
+                   allow_partial=allow_partial)
     corpus = load_ppl_corpus(ppl_text)
     spec = PPLSpec(None if ppl_text is None else str(ppl_text), cfg.ppl_entries, cfg.ppl_pool,
                    cfg.ppl_max_tokens, cfg.seed)

@@ -76,10 +76,15 @@ class RunFacts:
 
 
 def read_run(store: RunStore, methods: Sequence[str] | None, threshold: float | str,
-             query_ids: set[str] | None = None) -> RunFacts:
+             query_ids: set[str] | None = None, *, allow_partial: bool = False) -> RunFacts:
     """The run's queries, knowledge neurons, K_I/K_II split (CS2 > ``threshold``) and
-    catalog, for ``methods`` (None: every method with consistency results)."""
+    catalog, for ``methods`` (None: every method with consistency results).
+
+    Refuses a run whose localization is unfinished unless ``allow_partial``."""
     from ..consistency import split_facts
+    from .units import require_complete
+
+    require_complete(store, "queries", stage="localize", allow_partial=allow_partial)
 
     scores = store.table("consistency")
     if scores.empty:
