@@ -61,6 +61,31 @@ def _add_attr_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--memory-gb", type=float, default=2.0)
 
 
+def _add_executor_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("executor (where the units are computed)")
+    g.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="local: this process; ray: workers of a Ray cluster, each with its own "
+                        "model (default: %(default)s)")
+    g.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join: auto, HOST:6379 or ray://HOST:10001 (default: a "
+                        "local Ray instance)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="Ray workers (default: the cluster's GPUs / --gpus-per-worker, else "
+                        "its CPUs / --threads-per-worker)")
+    g.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="GPUs per Ray worker (fractions share a GPU; > 0 loads on cuda)")
+    g.add_argument("--threads-per-worker", type=int, default=None,
+                   help="torch threads (and CPUs reserved) per Ray worker")
+
+
+def _executor(args) -> Any:
+    from .pipeline.distributed import make_executor
+
+    return make_executor(args.executor, address=args.ray_address, workers=args.workers,
+                         gpus_per_worker=args.gpus_per_worker,
+                         threads_per_worker=args.threads_per_worker)
+
+
 def _add_run_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (default: the run's)")
     g.add_argument("--model", default=None, help="model of the run (default: from config.yaml)")
@@ -75,6 +100,7 @@ def _localize_parser(sub: Any) -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_data_args(p)
     _add_attr_args(p)
+    _add_executor_args(p)
     p.add_argument("--prompt", help="a single cloze prompt (with --answer)")
     p.add_argument("--answer", help="the gold answer of --prompt")
     p.add_argument("--top", type=int, default=15, help="rows of the neuron table to print")
@@ -98,6 +124,7 @@ def _consistency_parser(sub: Any) -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_data_args(p)
     _add_attr_args(p)
+    _add_executor_args(p)
     p.add_argument("--overwrite", action="store_true")
     return p
 
@@ -105,6 +132,7 @@ def _consistency_parser(sub: Any) -> argparse.ArgumentParser:
 def _reproduce_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="run every experiment end to end and write report.html")
     _add_model_args(p)
+    _add_executor_args(p)
     p.add_argument("--preset", default="quick", help="quick, standard or paper (default: quick)")
     p.add_argument("--dataset", default=None,
                    help="override the preset's dataset (standard/paper need pararel:<dir>)")
@@ -162,6 +190,7 @@ def _modify_parser(sub: Any) -> argparse.ArgumentParser:
                         "with negative activations too)")
     p.add_argument("--seed", type=int, default=0)
     _add_run_model_args(p)
+    _add_executor_args(p)
     return p
 
 
@@ -176,6 +205,7 @@ def _intervene_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--all-queries", action="store_true",
                    help="also queries the model does not answer correctly (default: known only)")
     _add_run_model_args(p)
+    _add_executor_args(p)
     return p
 
 
@@ -197,6 +227,7 @@ def _attention_parser(sub: Any) -> argparse.ArgumentParser:
                    help="skip the heatmaps of a K_I and a K_II fact")
     p.add_argument("--seed", type=int, default=0, help="draw of the unrelated queries")
     _add_run_model_args(p)
+    _add_executor_args(p)
     return p
 
 
@@ -369,6 +400,7 @@ def _localize_dataset(args, selection) -> int:
     _say(f"{len(facts)} facts, {len(facts.queries())} queries from {facts.source} "
          f"(skipped: {dict(facts.skipped) or 'none'})")
     seed_everything(args.seed)
+    executor = _executor(args)
     model = _load(args)
     cfg = LocalizeConfig(methods=args.method, n_steps=args.n_steps, sig_mode=args.sig_mode,
                          selection=selection, internal_batch_size=args.batch_size,
@@ -389,7 +421,7 @@ def _localize_dataset(args, selection) -> int:
     }
     store.write_config(config, overwrite=args.overwrite)
     store.write_env(environment_info({"command": "localize"}))
-    res = localize(model, facts, store, cfg, progress=not args.quiet)
+    res = localize(model, facts, store, cfg, progress=not args.quiet, executor=executor)
     q = res.queries
     print(f"localized {res.computed} queries ({res.skipped_done} already done) in "
           f"{res.seconds:.1f} s -> {store.root}")
@@ -475,9 +507,10 @@ def cmd_modify(args) -> int:
     if corpus.builtin:
         _say("no --ppl-text given: ΔPPL is measured on knowloc's small built-in English corpus, "
              "not WikiText-2")
+    executor = _executor(args)
     model = _load_run_model(args, config)
     res = modify(model, store, cfg, ppl_text=args.ppl_text, progress=not args.quiet,
-                 allow_partial=args.allow_partial)
+                 allow_partial=args.allow_partial, executor=executor)
     shown = present_modification(store, res)
     _record_stage_config(store, "modify", {**cfg.as_dict(), "ppl": res.ppl})
     print(shown.markdown["table2"])
@@ -499,9 +532,10 @@ def cmd_intervene(args) -> int:
                         split_threshold=parse_threshold(args.split_threshold),
                         enhance=args.enhance, only_known=not args.all_queries)
     store, config = _open_run_for_editing(args)
+    executor = _executor(args)
     model = _load_run_model(args, config)
     res = query_kn_mapping(model, store, cfg, progress=not args.quiet,
-                           allow_partial=args.allow_partial)
+                           allow_partial=args.allow_partial, executor=executor)
     shown = present_mapping(store, res)
     _record_stage_config(store, "intervene", cfg.as_dict())
     import pandas as pd
@@ -523,9 +557,11 @@ def cmd_attention(args) -> int:
                           alpha=args.alpha, enhance=args.enhance,
                           only_known=not args.all_queries, seed=args.seed).validate()
     store, config = _open_run_for_editing(args)
+    executor = _executor(args)
     model = _load_run_model(args, config)
     res = attention_experiment(model, store, cfg, heatmaps=not args.no_heatmaps,
-                               progress=not args.quiet, allow_partial=args.allow_partial)
+                               progress=not args.quiet, allow_partial=args.allow_partial,
+                               executor=executor)
     shown = present_attention(store, res)
     _record_stage_config(store, "attention", cfg.as_dict())
     import pandas as pd
@@ -603,7 +639,7 @@ def cmd_reproduce(args) -> int:
     _check_methods(preset.methods, n_steps=preset.n_steps)
     reproduce(args.out, model=args.model, preset=preset, device=args.device,
               dtype=args.dtype, seed=args.seed, overwrite=args.overwrite,
-              progress=not args.quiet, ppl_text=args.ppl_text)
+              progress=not args.quiet, ppl_text=args.ppl_text, executor=_executor(args))
     return 0
 
 

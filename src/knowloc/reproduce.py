@@ -20,11 +20,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .attribution import method_names
 from .errors import ConfigError
 from .neurons import Selection
+
+if TYPE_CHECKING:
+    from .pipeline.units import Executor
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +124,13 @@ def reproduce(
     overwrite: bool = False,
     progress: bool = True,
     ppl_text: str | Path | None = None,
+    executor: Executor | None = None,
 ) -> Path:
-    """Run the preset's experiments into ``out`` and write ``out/report.html``."""
+    """Run the preset's experiments into ``out`` and write ``out/report.html``.
+
+    ``executor`` computes every stage's units (default: in this process, see
+    :func:`knowloc.pipeline.distributed.make_executor`).
+    """
     from .data import load_facts
     from .evaluation import load_ppl_corpus
     from .models import load_model
@@ -190,7 +198,8 @@ def reproduce(
         screened = screen(model, facts, store, progress=progress,
                           known_per_relation=p.known_per_relation
                           if p.population == "known" else None,
-                          max_per_relation=p.max_screen_per_relation)
+                          max_per_relation=p.max_screen_per_relation,
+                          executor=executor)
     population, removed = select_population(facts, screened, population=p.population,
                                             known_per_relation=p.known_per_relation)
     if not population.facts:
@@ -201,7 +210,7 @@ def reproduce(
     log.info("population: %d facts, %d queries (removed: %s)", len(population),
              len(population.queries()), removed or "none")
     with _timed(timings, "localize"):
-        loc = localize(model, population, store, cfg, progress=progress)
+        loc = localize(model, population, store, cfg, progress=progress, executor=executor)
     query_ids = {q.query_id for q in population.queries()}
     with _timed(timings, "consistency"):
         cres = consistency(store, population=p.population, static_threshold=p.static_threshold,
@@ -215,15 +224,16 @@ def reproduce(
     if p.modify and has_split:
         with _timed(timings, "modify (Tables 2, 3)" if p.cas else "modify (Table 2)"):
             mres = modify(model, store, mcfg, ppl_text=ppl_text, query_ids=query_ids,
-                          progress=progress)
+                          progress=progress, executor=executor)
             present_modification(store, mres)
         with _timed(timings, "query-KN mapping (Figure 4)"):
-            ires = query_kn_mapping(model, store, icfg, query_ids=query_ids, progress=progress)
+            ires = query_kn_mapping(model, store, icfg, query_ids=query_ids, progress=progress,
+                                    executor=executor)
             mapping = (ires, present_mapping(store, ires))
     if p.attention and has_split:
         with _timed(timings, "attention (Figures 1, 5, 6, 7, 10)"):
             ares = attention_experiment(model, store, acfg, query_ids=query_ids,
-                                        progress=progress)
+                                        progress=progress, executor=executor)
             attention = (ares, present_attention(store, ares))
     timings["total"] = round(time.time() - t0, 1)
 
