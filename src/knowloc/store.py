@@ -174,12 +174,10 @@ def _cuda_info(probe: bool) -> dict[str, Any]:
 def knowloc_version() -> dict[str, str | None]:
     """knowloc's version and, when it runs from a git checkout, its commit.
 
-    ``version`` is the package version; ``commit`` is ``git describe --always --dirty --tags``
+    ``version`` is the installed package's version; ``commit`` is ``git describe --always --dirty --tags``
     of the checkout whose ``src/knowloc`` is this package (None for an installed copy, or
     when git is missing), so an edited checkout shows as ``<commit>-dirty``.
     """
-    from . import __version__
-
     package = Path(__file__).resolve().parent
     commit: str | None = None
     if package.parent.name == "src" and (package.parents[1] / ".git").exists():
@@ -191,7 +189,7 @@ def knowloc_version() -> dict[str, str | None]:
             logger.debug("git describe failed: %s", exc)
         else:
             commit = done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else None
-    return {"version": __version__, "commit": commit}
+    return {"version": _version("knowloc"), "commit": commit}
 
 
 def environment_info(extra: dict | None = None, *, probe_devices: bool = True) -> dict:
