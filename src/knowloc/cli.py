@@ -6,59 +6,85 @@ Errors a user can cause are printed as one line (no traceback) with a non-zero e
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import math
+import re
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, KnowlocError
+from .errors import ConfigError, KnowlocError, RunError
 
-log = logging.getLogger("knowloc")
+log = logging.getLogger(__name__)
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (lists comma-joined); an option whose help
+    already says its default, or whose default is None or a flag's False, is left alone."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "default" in text or default is None
+                or default is False or default == argparse.SUPPRESS or action.nargs == 0):
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, list) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="gemma3-270m",
-                   help="embedded name (gemma3-270m, smollm2-135m), local directory or HF id "
-                        "(default: %(default)s)")
-    g.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+                   help="embedded name (gemma3-270m, smollm2-135m), local directory or HF id")
+    g.add_argument("--device", default="cpu", help="cpu or cuda")
+    g.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="weights and activations; float16 only where the model's activations "
+                        "fit its range (not Gemma 3: use bfloat16)")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("dataset")
-    g.add_argument("--dataset", default="builtin",
-                   help="builtin, pararel:<dir>, jsonl:<file> (default: %(default)s)")
-    g.add_argument("--relations", type=_csv, default=None, help="comma-separated relation ids")
-    g.add_argument("--facts-per-relation", type=int, default=None)
-    g.add_argument("--max-queries-per-fact", type=int, default=None)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dataset", default="builtin", help="builtin, pararel:<dir>, jsonl:<file>")
+    g.add_argument("--relations", type=_csv, default=None,
+                   help="comma-separated relation ids (default: every relation)")
+    g.add_argument("--facts-per-relation", type=int, default=None,
+                   help="facts drawn per relation (default: all)")
+    g.add_argument("--max-queries-per-fact", type=int, default=None,
+                   help="neighbor queries kept per fact (default: all)")
+    g.add_argument("--seed", type=int, default=0, help="draw of the facts (0 <= seed < 2**32)")
     g.add_argument("--context", default=None,
                    help="text prepended to every prompt, e.g. a short few-shot prefix "
-                        "(helps small models such as smollm2-135m); off by default")
+                        "(helps small models such as smollm2-135m) (default: none)")
 
 
 def _add_attr_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("attribution")
     g.add_argument("--method", type=_csv, default=["ig"],
-                   help=f"comma-separated: {_method_list()} (default: ig)")
-    g.add_argument("--n-steps", type=int, default=20)
-    g.add_argument("--sig-mode", default="mean", choices=["mean", "per_token"])
+                   help=f"comma-separated: {_method_list()}")
+    g.add_argument("--n-steps", type=int, default=20, help="integration steps (>= 2)")
+    g.add_argument("--sig-mode", default="mean", choices=["mean", "per_token"],
+                   help="SIG baseline: mean of the per-token maps, or each token's map")
     g.add_argument("--target", default="first", choices=["first", "all"],
                    help="attribute the answer's first token, or the teacher-forced "
-                        "probability of the whole answer (default: first)")
+                        "probability of the whole answer")
     g.add_argument("--threshold", type=float, default=0.2,
-                   help="knowledge neurons: attribution > threshold * max (default: 0.2)")
-    g.add_argument("--selection", default="relative", choices=["relative", "absolute", "topk"])
+                   help="knowledge neurons: attribution > threshold * max (relative), "
+                        "> threshold (absolute, >= 0) or the top K neurons (topk)")
+    g.add_argument("--selection", default="relative", choices=["relative", "absolute", "topk"],
+                   help="how --threshold selects knowledge neurons")
     g.add_argument("--batch-size", type=int, default=None,
                    help="integration points per forward pass (default: sized to --memory-gb)")
-    g.add_argument("--memory-gb", type=float, default=2.0)
+    g.add_argument("--memory-gb", type=float, default=2.0,
+                   help="memory budget of one forward pass, in GB (> 0)")
 
 
 def _add_executor_args(p: argparse.ArgumentParser) -> None:
@@ -90,13 +116,17 @@ def _add_run_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (default: the run's)")
     g.add_argument("--model", default=None, help="model of the run (default: from config.yaml)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: the run's)")
-    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--dtype", default=None, choices=DTYPES, help="(default: the run's)")
     p.add_argument("--allow-partial", action="store_true",
                    help="use the finished units of an unfinished run (default: refuse)")
 
 
+def _add_parser(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+
+
 def _localize_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser("localize", help="localize knowledge neurons of one query or a dataset")
+    p = _add_parser(sub, "localize", "localize knowledge neurons of one query or a dataset")
     _add_model_args(p)
     _add_data_args(p)
     _add_attr_args(p)
@@ -111,11 +141,12 @@ def _localize_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def _consistency_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser("consistency", help="CS1/CS2, K_I/K_II, Welch t-test: Table 1 + Figure 3")
+    p = _add_parser(sub, "consistency", "CS1/CS2, K_I/K_II, Welch t-test: Table 1 + Figure 3")
     p.add_argument("--run", type=Path, required=True, help="run directory made by localize")
     p.add_argument("--population", default="known", choices=["known", "all"],
-                   help="facts known (top-1 on >= 1 query) or all facts (default: known)")
-    p.add_argument("--static-threshold", type=float, default=0.1)
+                   help="facts known (top-1 on >= 1 query) or all facts")
+    p.add_argument("--static-threshold", type=float, default=0.1,
+                   help="K_I if CS2 > threshold (Table 1)")
     p.add_argument("--allow-partial", action="store_true",
                    help="use the finished units of an unfinished localization")
     p.add_argument("--localize", action="store_true",
@@ -125,83 +156,93 @@ def _consistency_parser(sub: Any) -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_attr_args(p)
     _add_executor_args(p)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --localize: reuse --run even if made with another configuration")
     return p
 
 
 def _reproduce_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser("reproduce", help="run every experiment end to end and write report.html")
+    p = _add_parser(sub, "reproduce", "run every experiment end to end and write report.html")
     _add_model_args(p)
     _add_executor_args(p)
-    p.add_argument("--preset", default="quick", help="quick, standard or paper (default: quick)")
+    p.add_argument("--preset", default="quick", help="quick, standard or paper")
     p.add_argument("--dataset", default=None,
-                   help="override the preset's dataset (standard/paper need pararel:<dir>)")
-    p.add_argument("--relations", type=_csv, default=None)
-    p.add_argument("--known-per-relation", type=int, default=None)
-    p.add_argument("--max-queries-per-fact", type=int, default=None)
-    p.add_argument("--method", type=_csv, default=None)
-    p.add_argument("--n-steps", type=int, default=None)
-    p.add_argument("--population", default=None, choices=["known", "all"])
-    p.add_argument("--seed", type=int, default=0)
+                   help="override the preset's dataset (standard/paper need pararel:<dir>) "
+                        "(default: the preset's)")
+    p.add_argument("--relations", type=_csv, default=None,
+                   help="comma-separated relation ids (default: the preset's)")
+    p.add_argument("--known-per-relation", type=int, default=None,
+                   help="known facts per relation (default: the preset's; quick: 2)")
+    p.add_argument("--max-queries-per-fact", type=int, default=None,
+                   help="neighbor queries per fact (default: the preset's; quick: 4)")
+    p.add_argument("--method", type=_csv, default=None,
+                   help=f"comma-separated: {_method_list()} (default: the preset's; all)")
+    p.add_argument("--n-steps", type=int, default=None,
+                   help="integration steps (default: the preset's; 20)")
+    p.add_argument("--population", default=None, choices=["known", "all"],
+                   help="facts analysed (default: the preset's; known)")
+    p.add_argument("--seed", type=int, default=0, help="draws of facts and unrelated queries")
     p.add_argument("--ppl-text", type=Path, default=None,
                    help="text file for ΔPPL of the modification stage (e.g. WikiText-2's "
-                        "wiki.test.raw); default: knowloc's small built-in English corpus")
+                        "wiki.test.raw) (default: knowloc's small built-in English corpus)")
     p.add_argument("--no-modify", action="store_true",
                    help="skip knowledge modification (Tables 2, 3) and query-KN mapping "
                         "(Figure 4)")
     p.add_argument("--no-attention", action="store_true",
                    help="skip the attention experiments (Figures 1, 5, 6, 7, 10)")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="reuse --out even if it was made with another configuration")
     return p
 
 
 def _modify_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser("modify", help="erase/update the knowledge neurons of a run's facts: "
-                                      "Rel/Gen/Loc/ΔPPL, Table 2")
+    p = _add_parser(sub, "modify", "erase/update the knowledge neurons of a run's facts: "
+                                   "Rel/Gen/Loc/ΔPPL, Table 2")
     p.add_argument("--run", type=Path, required=True,
                    help="run directory with consistency results")
     p.add_argument("--op", type=_csv, default=["erase", "update"],
-                   help="erase, update or both, comma-separated (default: erase,update)")
+                   help="erase, update or both, comma-separated")
     p.add_argument("--set", dest="edit_set", type=_csv, default=["local", "global"],
                    help="local (N_i), global (N_g), cas (Consistency-Aware set, Table 3), "
-                        "comma-separated (default: local,global)")
+                        "comma-separated")
     p.add_argument("--ppl-text", type=Path, default=None,
                    help="text file for ΔPPL, one entry per line (e.g. WikiText-2's "
-                        "wiki.test.raw); default: knowloc's small built-in English corpus")
+                        "wiki.test.raw) (default: knowloc's small built-in English corpus)")
     p.add_argument("--method", type=_csv, default=None,
                    help="localization methods to edit (default: every method of the run)")
     p.add_argument("--split-threshold", default="0.1",
-                   help="K_I if CS2 > T; a number or 'otsu' (default: 0.1)")
+                   help="K_I if CS2 > T; a number or 'otsu'")
     p.add_argument("--n-locality", type=int, default=20,
-                   help="unrelated facts (other relations) per edit for Loc (default: 20)")
+                   help="unrelated facts (other relations) per edit for Loc")
     p.add_argument("--gen-on", default="known", choices=["known", "all"],
                    help="neighbor queries for Gen: those the unedited model answers correctly "
-                        "(default) or all")
-    p.add_argument("--ppl-entries", type=int, default=5, help="entries per edit (default: 5)")
+                        "or all")
+    p.add_argument("--ppl-entries", type=int, default=5, help="entries per edit")
     p.add_argument("--ppl-pool", type=int, default=25,
                    help="entries drawn once (seeded) from the text; each edit draws its "
-                        "entries from them, so unedited PPLs are reused (default: 25)")
-    p.add_argument("--ppl-max-tokens", type=int, default=128,
-                   help="tokens kept of each entry (default: 128)")
+                        "entries from them, so unedited PPLs are reused")
+    p.add_argument("--ppl-max-tokens", type=int, default=128, help="tokens kept of each entry")
     p.add_argument("--update-sign", default="none", choices=["none", "activation"],
                    help="none: the paper's v - 2E(o) + 2E(o'); activation: multiply the change "
                         "by the sign of the neuron's activation (gated MLPs read value vectors "
                         "with negative activations too)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="draws of texts and unrelated facts")
     _add_run_model_args(p)
     _add_executor_args(p)
     return p
 
 
 def _intervene_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser("intervene", help="suppress/enhance KN activations of Self and neighbor "
-                                         "sets: ΔProb, Figure 4")
+    p = _add_parser(sub, "intervene", "suppress/enhance KN activations of Self and neighbor "
+                                      "sets: ΔProb, Figure 4")
     p.add_argument("--run", type=Path, required=True,
                    help="run directory with consistency results")
-    p.add_argument("--method", type=_csv, default=None)
-    p.add_argument("--split-threshold", default="0.1")
-    p.add_argument("--enhance", type=float, default=2.0, help="enhancement factor (default: 2)")
+    p.add_argument("--method", type=_csv, default=None,
+                   help="methods whose KNs are used (default: every method of the run)")
+    p.add_argument("--split-threshold", default="0.1",
+                   help="K_I if CS2 > T; a number or 'otsu'")
+    p.add_argument("--enhance", type=float, default=2.0, help="enhancement factor")
     p.add_argument("--all-queries", action="store_true",
                    help="also queries the model does not answer correctly (default: known only)")
     _add_run_model_args(p)
@@ -210,17 +251,18 @@ def _intervene_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def _attention_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser("attention", help="predominance, knowledge synapses × 0 / × 2: "
-                                         "Figures 5, 6 (and heatmaps, Figures 1, 7, 10)")
+    p = _add_parser(sub, "attention", "predominance, knowledge synapses × 0 / × 2: "
+                                      "Figures 5, 6 (and heatmaps, Figures 1, 7, 10)")
     p.add_argument("--run", type=Path, required=True,
                    help="run directory with consistency results")
     p.add_argument("--method", type=_csv, default=None,
                    help="methods whose KNs (ΔValue) and K_I/K_II split are used "
                         "(default: every method of the run)")
-    p.add_argument("--split-threshold", default="0.1")
+    p.add_argument("--split-threshold", default="0.1",
+                   help="K_I if CS2 > T; a number or 'otsu'")
     p.add_argument("--alpha", type=float, default=0.3,
-                   help="synapse threshold τ = alpha × mean column mass (default: 0.3)")
-    p.add_argument("--enhance", type=float, default=2.0, help="enhancement factor (default: 2)")
+                   help="synapse threshold τ = alpha × mean column mass")
+    p.add_argument("--enhance", type=float, default=2.0, help="enhancement factor")
     p.add_argument("--all-queries", action="store_true",
                    help="Figure 6 over all queries (default: those the model answers correctly)")
     p.add_argument("--no-heatmaps", action="store_true",
@@ -232,39 +274,36 @@ def _attention_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def _heatmap_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser("heatmap", help="layer × neuron activation heatmaps of prompts, as is "
-                                       "and with their knowledge synapses × 0 / × 2 "
-                                       "(Figures 1, 7, 10)")
+    p = _add_parser(sub, "heatmap", "layer × neuron activation heatmaps of prompts, as is "
+                                    "and with their knowledge synapses × 0 / × 2 "
+                                    "(Figures 1, 7, 10)")
     _add_model_args(p)
     p.add_argument("--prompt", action="append", required=True,
                    help="cloze prompt; repeat for neighbor queries")
     p.add_argument("--answer", action="append", required=True,
                    help="gold answer: one for all prompts or one per --prompt")
     p.add_argument("--method", default="ig",
-                   help=f"method localizing the KNs to circle ({_method_list()}) or none "
-                        "(default: ig)")
-    p.add_argument("--n-steps", type=int, default=20)
+                   help=f"method localizing the KNs to circle ({_method_list()}) or none")
+    p.add_argument("--n-steps", type=int, default=20, help="integration steps (>= 2)")
     p.add_argument("--threshold", type=float, default=0.2,
-                   help="knowledge neurons: attribution > threshold × max (default: 0.2)")
+                   help="knowledge neurons: attribution > threshold × max")
     p.add_argument("--neurons", type=int, default=64,
-                   help="neuron columns drawn: the KNs' indices, then the largest |activation| "
-                        "(default: 64)")
-    p.add_argument("--alpha", type=float, default=0.3)
-    p.add_argument("--out", type=Path, default=Path("heatmap"),
-                   help="output directory (default: ./heatmap)")
+                   help="neuron columns drawn: the KNs' indices, then the largest |activation|")
+    p.add_argument("--alpha", type=float, default=0.3,
+                   help="synapse threshold τ = alpha × mean column mass")
+    p.add_argument("--out", type=Path, default=Path("heatmap"), help="output directory")
     return p
 
 
 def _query_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser("query", help="run SQL (DuckDB) over a run's tables")
-    p.add_argument("run", type=Path)
-    p.add_argument("sql")
+    p = _add_parser(sub, "query", "run SQL (DuckDB) over a run's tables (read only)")
+    p.add_argument("run", type=Path, help="run directory")
+    p.add_argument("sql", help="one SQL statement; every table of the run is a view")
     return p
 
 
 def _models_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser("models", help="list the embedded models and supported architectures")
-    return p
+    return _add_parser(sub, "models", "list the embedded models and supported architectures")
 
 
 PARSERS = (_localize_parser, _consistency_parser, _reproduce_parser, _modify_parser,
@@ -275,45 +314,155 @@ def _add_common_args(p: argparse.ArgumentParser, *, top: bool = False) -> None:
     """-v/-q, accepted before and after the subcommand (a subcommand's value wins only when
     given there)."""
     default: Any = 0 if top else argparse.SUPPRESS
-    p.add_argument("-v", "--verbose", action="count", default=default)
+    p.add_argument("-v", "--verbose", action="count", default=default,
+                   help="more log lines on stderr: -v info, -vv debug (default: warnings only)")
     p.add_argument("-q", "--quiet", action="store_true",
-                   default=False if top else argparse.SUPPRESS, help="no progress bars")
+                   default=False if top else argparse.SUPPRESS,
+                   help="no progress bars; one summary line per stage")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    from .store import knowloc_version
+
     parser = argparse.ArgumentParser(
         prog="knowloc",
         description="Find where a language model keeps a fact, test whether that place is "
                     "fixed, and edit it (Chen et al., ICLR 2025).",
     )
+    v = knowloc_version()
+    parser.add_argument("--version", action="version",
+                        version=f"knowloc {v['version']}"
+                                + (f" ({v['commit']})" if v["commit"] else ""))
     _add_common_args(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
+    subparsers = {}
     for build in PARSERS:
-        _add_common_args(build(sub))
-    return parser
+        p = build(sub)
+        _add_common_args(p)
+        subparsers[p.prog.split()[-1]] = p
+    return parser, subparsers
 
 
-def _setup_logging(verbose: int) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    return _build_parsers()[0]
+
+
+def _setup_logging(verbose: int) -> list[logging.Handler]:
+    """One stderr handler on the root logger, library warnings routed through logging
+    (``logging.captureWarnings``); returns the handlers added, removed again by ``main``."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(level)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(min(level, root.level) if root.level else level)
+    logging.captureWarnings(True)
     try:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     except Exception as exc:  # noqa: BLE001 - quieting transformers is best effort
-        logging.getLogger(__name__).debug("could not quiet transformers logging: %s", exc)
+        log.debug("could not quiet transformers logging: %s", exc)
+    return [handler]
 
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+#: Integer options and their smallest value (seeds: numpy takes 0 <= seed < 2**32).
+_AT_LEAST = {"seed": 0, "batch_size": 1, "top": 0, "facts_per_relation": 1,
+             "max_queries_per_fact": 1, "known_per_relation": 1, "neurons": 1}
+#: Options given as comma-separated lists, which must name at least one value.
+_LISTS = ("method", "relations", "op", "edit_set")
+
+
+def _flag(dest: str) -> str:
+    return "--set" if dest == "edit_set" else "--" + dest.replace("_", "-")
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Checks of single options, run before anything is read or loaded: integers in range,
+    every float finite (``nan``/``inf`` are accepted by ``float()``), lists not empty."""
+    for dest, value in vars(args).items():
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{_flag(dest)} must be a finite number (got {value})")
+        if dest in _AT_LEAST and isinstance(value, int) and value < _AT_LEAST[dest]:
+            raise ConfigError(f"{_flag(dest)} must be >= {_AT_LEAST[dest]} (got {value})")
+        if dest in _LISTS and isinstance(value, list) and not value:
+            raise ConfigError(f"{_flag(dest)} is empty; give at least one value")
+    split = getattr(args, "split_threshold", None)
+    if isinstance(split, str) and split != "otsu":
+        try:
+            number = float(split)
+        except ValueError:
+            raise ConfigError(f"--split-threshold must be a number or 'otsu' (got {split!r})") \
+                from None
+        if not math.isfinite(number):
+            raise ConfigError(f"--split-threshold must be a finite number (got {split})")
+    if getattr(args, "seed", None) is not None and args.seed >= 2**32:
+        raise ConfigError(f"--seed must be < 2**32 (got {args.seed})")
+    if getattr(args, "memory_gb", None) is not None and args.memory_gb <= 0:
+        raise ConfigError(f"--memory-gb must be > 0 (got {args.memory_gb})")
+    if getattr(args, "model", None):
+        _check_model_name(args.model)
+
+
+def _check_model_name(name: str) -> None:
+    """A model that names a local path must be a directory (otherwise Hugging Face reports it
+    as a malformed repo id). Hub ids look like ``name`` or ``org/name``."""
+    from .embedded import EMBEDDED
+
+    if name in EMBEDDED:
+        return
+    path = Path(name).expanduser()
+    hub_like = re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name) is not None
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--model {name}: not a directory (a model directory holds "
+                          "config.json and the weights)")
+    if not path.exists() and not hub_like:
+        raise ConfigError(f"--model {name}: no such directory, and not an embedded model "
+                          f"({', '.join(EMBEDDED)}) or a Hugging Face id")
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before the model loads when ``out`` cannot be created or written: probe the
+    directory, or its nearest existing parent, with a temporary file."""
+    import tempfile
+
+    out = out.expanduser().absolute()
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"cannot create {out}: {probe} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write {out}: {probe} is not writable "
+                          f"({exc.strerror or exc})") from None
+
+
 def _load(args) -> Any:
-    from .models import load_model
+    from . import models
 
     t = time.time()
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    half = args.dtype == "float16"
+    model = models.load_model(args.model, device=args.device, dtype=args.dtype, check=not half)
+    if half:
+        import torch
+
+        probs = model.next_token_probs(["The capital of France is"])
+        if not bool(torch.isfinite(probs).all()):
+            raise ConfigError(f"{args.model} does not run in float16: its activations exceed "
+                              "float16's range (65504) and become inf/nan; use --dtype "
+                              "bfloat16 (float32's range) or float32")
+        model.self_check()
     _say(f"loaded {args.model} ({model.adapter.name}, {model.n_layers} layers x {model.d_mlp} "
          f"neurons) in {time.time() - t:.1f} s")
     return model
@@ -328,6 +477,9 @@ def _selection(args):
             raise ConfigError("--selection topk needs --threshold K, a positive integer "
                               f"number of neurons (got {value})")
         value = int(value)
+    if args.selection == "absolute" and value < 0:
+        raise ConfigError(f"--selection absolute needs --threshold >= 0 (got {value}); a "
+                          "negative threshold selects neurons that push against the answer")
     return Selection(args.selection, value).validate()
 
 
@@ -357,6 +509,7 @@ def cmd_localize(args) -> int:
         return _localize_one(args, selection)
     if args.out is None:
         raise ConfigError("dataset mode needs --out RUN_DIR (or give --prompt and --answer)")
+    _check_writable(args.out)
     return _localize_dataset(args, selection)
 
 
@@ -600,6 +753,7 @@ def cmd_heatmap(args) -> int:
     if args.method != "none":
         _check_methods([args.method], n_steps=args.n_steps)
     Selection("relative", args.threshold).validate()
+    _check_writable(args.out)
     model = _load(args)
     neurons, labels = [], []
     for i, (prompt, answer) in enumerate(zip(prompts, answers)):
@@ -637,6 +791,7 @@ def cmd_reproduce(args) -> int:
         attention=False if args.no_attention else None,
     )
     _check_methods(preset.methods, n_steps=preset.n_steps)
+    _check_writable(args.out)
     reproduce(args.out, model=args.model, preset=preset, device=args.device,
               dtype=args.dtype, seed=args.seed, overwrite=args.overwrite,
               progress=not args.quiet, ppl_text=args.ppl_text, executor=_executor(args))
@@ -644,13 +799,20 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_query(args) -> int:
+    import duckdb
     import pandas as pd
 
     from .store import RunStore
 
     if not args.run.exists():
         raise ConfigError(f"run directory {args.run} does not exist")
-    df = RunStore(args.run, create=False).query(args.sql)
+    if not args.sql.strip():
+        raise ConfigError("the SQL statement is empty; e.g. knowloc query RUN "
+                          "'select * from queries limit 5'")
+    try:
+        df = RunStore(args.run, create=False).query(args.sql)
+    except duckdb.Error as exc:  # a part that is not Parquet fails when its view is made
+        raise RunError(f"cannot read the tables of {args.run}: {exc}") from exc
     with pd.option_context("display.max_rows", 200, "display.width", 200):
         print(df.to_string(index=False))
     return 0
@@ -679,18 +841,36 @@ COMMANDS = {
 }
 
 
+def _one_line(exc: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+#: OS errors a user's environment causes (permissions, read-only or full disks).
+_ENV_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+    handlers = _setup_logging(args.verbose)
     try:
+        _check_options(args)
         return COMMANDS[args.command](args)
     except KnowlocError as exc:
-        print(f"knowloc: error: {exc}", file=sys.stderr)
+        print(f"knowloc: error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if exc.errno not in _ENV_ERRNOS:
+            raise
+        print(f"knowloc: error: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("knowloc: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        logging.captureWarnings(False)
+        for handler in handlers:
+            logging.getLogger().removeHandler(handler)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ import platform
 import re
 import secrets
 import socket
+import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
@@ -55,7 +56,7 @@ import yaml
 
 from knowloc.errors import RunBusyError, RunError
 
-__all__ = ["RunStore", "content_hash", "environment_info", "to_plain"]
+__all__ = ["RunStore", "content_hash", "environment_info", "knowloc_version", "to_plain"]
 
 logger = logging.getLogger(__name__)
 
@@ -185,12 +186,34 @@ def _cuda_info(probe: bool) -> dict[str, Any]:
     return info
 
 
+def knowloc_version() -> dict[str, str | None]:
+    """knowloc's version and, when it runs from a git checkout, its commit.
+
+    ``version`` is the installed package's version; ``commit`` is ``git describe --always --dirty --tags``
+    of the checkout whose ``src/knowloc`` is this package (None for an installed copy, or
+    when git is missing), so an edited checkout shows as ``<commit>-dirty``.
+    """
+    package = Path(__file__).resolve().parent
+    commit: str | None = None
+    if package.parent.name == "src" and (package.parents[1] / ".git").exists():
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(package.parents[1]), "describe", "--always", "--dirty",
+                 "--tags"], capture_output=True, text=True, timeout=10, check=False)
+        except (OSError, subprocess.SubprocessError) as exc:
+            logger.debug("git describe failed: %s", exc)
+        else:
+            commit = done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else None
+    return {"version": _version("knowloc"), "commit": commit}
+
+
 def environment_info(extra: dict | None = None, *, probe_devices: bool = True) -> dict:
     """Describe the machine and software of this invocation (stored in ``env.json``).
 
-    Returns python / platform / hostname / UTC time, versions of torch, transformers,
-    numpy, pandas, pyarrow, duckdb and knowloc, the CPU model, and the CUDA devices.
-    ``extra`` (e.g. seed, model revision, command line) is merged in at top level.
+    Returns python / platform / hostname / UTC time, knowloc's version and commit
+    (:func:`knowloc_version`), versions of torch, transformers, numpy, pandas, pyarrow and
+    duckdb, the CPU model, and the CUDA devices. ``extra`` (e.g. seed, the model and its
+    weights, command line) is merged in at top level.
     With ``probe_devices=False`` torch is not imported just to list CUDA devices.
     """
     env: dict[str, Any] = {
@@ -198,6 +221,7 @@ def environment_info(extra: dict | None = None, *, probe_devices: bool = True) -
         "hostname": socket.gethostname(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "knowloc": knowloc_version(),
         "packages": {
             name: _version(name)
             for name in (
