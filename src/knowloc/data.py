@@ -243,14 +243,20 @@ def _dedupe(templates: Sequence[str], skipped: Counter[str]) -> list[str]:
 def _read_jsonl_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (1-based line number, object) for each non-blank line; DataError on bad lines."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"file not found: {path}") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from None
     except OSError as e:
         raise DataError(f"cannot read {path}: {e}") from None
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
+        data = data[3:]
+    # lines end at "\n" only: JSON strings may hold other Unicode line separators
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte "
+                            f"{e.start})") from None
         if not line.strip():
             continue
         try:
