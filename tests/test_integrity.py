@@ -87,12 +87,13 @@ def test_another_relation_selection_replaces_the_tables(tiny_dir, facts_file, tm
 
 
 def _dup_facts(path):
-    templates = ["The capital of [X] is [Y]", "[X]'s capital city is [Y]",
-                 "The capital city of [X] is [Y]"]
-    rows = [{"relation": "P36", "subject": "England", "object": "London", "fact_id": fid,
-             "templates": templates} for fid in ("uuid-a", "uuid-b")]
-    rows.append({"relation": "P36", "subject": "France", "object": "Paris", "fact_id": "uuid-c",
-                 "templates": templates})
+    from tiny import CAPITAL_FACTS, CAPITAL_TEMPLATES
+
+    (subj, obj), (subj2, obj2) = CAPITAL_FACTS[:2]
+    rows = [{"relation": "P36", "subject": subj, "object": obj, "fact_id": fid,
+             "templates": CAPITAL_TEMPLATES} for fid in ("uuid-a", "uuid-b")]
+    rows.append({"relation": "P36", "subject": subj2, "object": obj2, "fact_id": "uuid-c",
+                 "templates": CAPITAL_TEMPLATES})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
