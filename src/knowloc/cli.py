@@ -514,7 +514,7 @@ def cmd_localize(args) -> int:
 
 
 def _localize_one(args, selection) -> int:
-    from .attribution import attribute
+    from .attribution import Attribution, attribute
     from .neurons import neurons_frame
     from .report.figures import method_label
 
@@ -526,6 +526,7 @@ def _localize_one(args, selection) -> int:
                          internal_batch_size=args.batch_size,
                          memory_budget_gb=args.memory_gb, progress=not args.quiet)
         dt = time.time() - t
+        assert isinstance(attr, Attribution)  # one query in, one Attribution out
         kn = neurons_frame(attr, selection)
         answer_tok = model.tokenizer.decode(attr.target_ids)
         print(f"\n{method_label(method)}  {args.prompt!r} -> {answer_tok!r}")

@@ -382,7 +382,7 @@ def split_facts(scores: pd.DataFrame, threshold: Threshold = 0.1) -> pd.DataFram
             logger.info("Otsu threshold for method %s: %.4f", m, thr)
         kept["threshold"] = kept["method"].map(per_method).astype(float)
     else:
-        kept["threshold"] = float(threshold)  # type: ignore[arg-type]
+        kept["threshold"] = float(threshold)
     kept["kind"] = np.where(kept["cs2"] > kept["threshold"], "K_I", "K_II")
     kept["kind"] = kept["kind"].astype(object)
     return kept
@@ -492,7 +492,7 @@ def table1(
             elif thr == "otsu":
                 thr_used = float("nan")
             else:
-                thr_used = float(thr)  # type: ignore[arg-type]
+                thr_used = float(thr)
             t, p = welch_t(cs_i, cs_ii)
             rows.append(
                 {

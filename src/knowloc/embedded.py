@@ -229,7 +229,7 @@ def _gemma_terms_path() -> Path | None:
         module = importlib.import_module(_GEMMA_MODULE)
     except ImportError:
         return None
-    path = Path(module.__file__).parent / "data" / "GEMMA_TERMS.html"
+    path = Path(str(module.__file__)).parent / "data" / "GEMMA_TERMS.html"
     return path if path.is_file() else None
 
 
@@ -380,7 +380,7 @@ def _drop_gguf_quantization_state(model: Any) -> None:
         for attribute in ("hf_quantizer", "quantization_method"):
             if attribute in vars(module):
                 delattr(module, attribute)
-        module.is_quantized = False
+        setattr(module, "is_quantized", False)  # noqa: B010 - an nn.Module attribute
         config = module.config
         for sub in {
             id(config): config,

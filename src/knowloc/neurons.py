@@ -154,11 +154,11 @@ def union(sets: Iterable[Iterable[Neuron]]) -> set[Neuron]:
 
 
 def intersection(sets: Sequence[Iterable[Neuron]]) -> set[Neuron]:
-    sets = [set(s) for s in sets]
-    if not sets:
+    as_sets = [set(s) for s in sets]
+    if not as_sets:
         return set()
-    out = sets[0]
-    for s in sets[1:]:
+    out = as_sets[0]
+    for s in as_sets[1:]:
         out &= s
     return out
 
@@ -262,7 +262,7 @@ def cas_neurons(
     cas = consistency_aware_scores(maps, beta1=beta1, beta2=beta2, normalize=normalize)
     methods = {getattr(m, "method", None) for m in maps} - {None}
     if len(methods) > 1:
-        raise ConfigError(f"CAS over attributions of different methods: {sorted(methods)}")
+        raise ConfigError(f"CAS over attributions of different methods: {sorted(map(str, methods))}")
     facts = {getattr(m, "fact_id", None) for m in maps} - {None}
     if fact_id is None and len(facts) == 1:
         fact_id = next(iter(facts))
@@ -279,7 +279,7 @@ def cas_neurons(
     idx = np.argwhere(cas > threshold * top) if top > 0 else np.zeros((0, 2), dtype=np.int64)
     return NeuronSet(
         frozenset((int(l), int(p)) for l, p in idx),
-        method=next(iter(methods)) if methods else "",
+        method=str(next(iter(methods))) if methods else "",
         query_id=None,
         fact_id=fact_id,
     )

@@ -245,7 +245,7 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None], *, fsync: bool = True) -> None:
+def _atomic_write(path: Path, write: Callable[[Path], object], *, fsync: bool = True) -> None:
     """Write ``path`` via ``write(tmp)`` then ``os.replace``: it appears complete or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(path)

@@ -67,6 +67,7 @@ def target_prob_grad(
     """
     head = model.unembedding()
     W = head.weight  # [V, d]
+    assert isinstance(W, torch.Tensor)
     bias = getattr(head, "bias", None)
     cap = model.logit_softcap()
     work = work_dtype(model)

@@ -137,7 +137,7 @@ def eager_attention(model: Model) -> Iterator[Model]:
         ) from exc
     if attention_implementation(model) != "eager":
         with contextlib.suppress(Exception):
-            setter(previous)
+            setter(previous)  # type: ignore[arg-type]  # None restores the default
         raise AttentionImplementationError(
             f"{model.name!r} refused to switch from {previous!r} to eager attention; "
             "load it with attn_implementation='eager'"
@@ -146,7 +146,7 @@ def eager_attention(model: Model) -> Iterator[Model]:
     try:
         yield model
     finally:
-        setter(previous)
+        setter(previous)  # type: ignore[arg-type]
         log.debug("%s: attention eager -> %s", model.name, previous)
 
 

@@ -89,7 +89,7 @@ class Edit:
         (gated MLPs: LLaMA, Gemma); not in the paper."""
         ns = as_neurons(neurons)
         sg = None if signs is None else tuple(float(signs[n]) for n in ns)
-        return cls("update", ns, int(target_id), int(new_target_id),  # type: ignore[arg-type]
+        return cls("update", ns, int(target_id), int(new_target_id),
                    float(lambda1), float(lambda2), sg)
 
     # ------------------------------------------------------------------ properties

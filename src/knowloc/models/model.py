@@ -134,8 +134,10 @@ class Model:
 
     def unembedding(self) -> nn.Module:
         """The output projection (``get_output_embeddings()``, else the adapter's path)."""
-        head = self.hf.get_output_embeddings()
-        return head if head is not None else _get(self.hf, self.adapter.unembedding)
+        head = self.hf.get_output_embeddings()  # type: ignore[operator]
+        out = head if head is not None else _get(self.hf, self.adapter.unembedding)
+        assert isinstance(out, nn.Module)
+        return out
 
     def logit_softcap(self) -> float | None:
         """Final logit soft-capping (Gemma 2 style), or None."""
@@ -143,11 +145,14 @@ class Model:
 
     def unembedding_matrix(self) -> torch.Tensor:
         """[vocab, d_model]: row v maps the final hidden state to logit v (E in METHODS §3)."""
-        return self.unembedding().weight
+        weight = self.unembedding().weight
+        assert isinstance(weight, torch.Tensor)
+        return weight
 
     def value_vectors(self, layer: int) -> torch.Tensor:
         """[d_mlp, d_model] view of the value vectors of ``layer`` (writes go to the weight)."""
         w = self.down_proj(layer).weight
+        assert isinstance(w, torch.Tensor)
         return w if self.adapter.down_proj_conv1d else w.t()
 
     # ---------------------------------------------------------------- tokenizing
@@ -424,5 +429,5 @@ def load_model(
         tok = AutoTokenizer.from_pretrained(source)
     except Exception as exc:
         raise ModelError(f"cannot load model {name!r}: {exc}") from exc
-    hf.to(dev)
+    hf.to(dev)  # type: ignore[arg-type]
     return wrap(hf, tok, name=name, check=check)

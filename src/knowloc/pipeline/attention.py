@@ -155,13 +155,15 @@ def attend_fact(model: Model, unit: AttentionUnit) -> dict[str, pd.DataFrame]:
                 im = irr_maps[irr[0]]
                 irr_sets = {True: knowledge_synapses(im, alpha=unit.alpha),
                             False: knowledge_synapses(im, alpha=unit.alpha, exclude_first=True)}
-            top = {f: most_attended(amap, skip_first=not f) for f in (True, False)}
+            top_any = most_attended(amap)
+            top_no_first = most_attended(amap, skip_first=True)
             qrows.append({
                 "relation": unit.relation, "fact_id": unit.fact_id, "query_id": qid,
                 "prompt": prompt, "answer": answer, "known": known,
                 "n_positions": len(ids),
-                "top_token": amap.tokens[top[True]] if top[True] is not None else None,
-                "top_token_no_first": amap.tokens[top[False]] if top[False] is not None else None,
+                "top_token": amap.tokens[top_any] if top_any is not None else None,
+                "top_token_no_first": (amap.tokens[top_no_first] if top_no_first is not None
+                                       else None),
                 "tau": float(own[True].tau), "n_synapses": len(own[True]),
                 "n_synapses_first": len(own[True]) - len(own[False]),
                 "n_synapses_no_first": len(own[False]),

@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from ..attribution import AttributionConfig, attribute
+from ..attribution import Attribution, AttributionConfig, attribute
 from ..data import Fact, FactSet, Query
 from ..models import Model
 from ..models.forward import answer_scores
@@ -230,6 +230,7 @@ def localize_query(model: Model, unit: LocalizeUnit) -> dict[str, pd.DataFrame]:
         progress=False,
     )
     seconds = time.time() - t
+    assert isinstance(attr, Attribution)  # one query in, one Attribution out
     ident = {"method": acfg.method, "relation": q.relation, "fact_id": q.fact_id,
              "query_id": q.query_id}
     kn = neurons_frame(attr, unit.selection)

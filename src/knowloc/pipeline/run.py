@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from ..attribution import sort_methods
+from ..consistency import Threshold
 from ..errors import ConfigError, RunError
 from ..models import Model
 from ..store import RunStore, content_hash
@@ -54,14 +55,16 @@ def with_ident(df: pd.DataFrame, ident: dict[str, Any]) -> pd.DataFrame:
     return out
 
 
-def parse_threshold(value: float | str) -> float | str:
+def parse_threshold(value: float | str) -> Threshold:
     """A K_I/K_II split threshold: a number (also given as text) or ``"otsu"``."""
-    if isinstance(value, str) and value != "otsu":
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"split threshold must be a number or 'otsu' (got {value!r})") from None
-    return value
+    if value == "otsu":
+        return "otsu"
+    if not isinstance(value, str):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"split threshold must be a number or 'otsu' (got {value!r})") from None
 
 
 @dataclass
@@ -102,7 +105,7 @@ def read_run(store: RunStore, methods: Sequence[str] | None, threshold: float | 
             raise ConfigError(f"method(s) {', '.join(unknown)} not in the run's consistency "
                               f"results (it has {', '.join(run_methods)})")
         run_methods = [m for m in run_methods if m in methods]
-    split = split_facts(scores, threshold)
+    split = split_facts(scores, parse_threshold(threshold))
     split = split[split["method"].isin(run_methods)][["method", "fact_id", "relation", "cs2",
                                                       "kind"]].reset_index(drop=True)
     neurons_df = store.table("neuron_sets")

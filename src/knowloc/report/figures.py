@@ -10,6 +10,7 @@ one stage into a run directory and return ``{name: (png, csv)}``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -104,10 +105,9 @@ def save_figure(fig: Figure, path_png: str | os.PathLike[str], data: pd.DataFram
     png.parent.mkdir(parents=True, exist_ok=True)
     csv = png.with_suffix(".csv")
     _atomic_write(csv, lambda p: data.to_csv(p, index=False))
-    for fmt in ("pdf", "svg"):
-        _atomic_write(png.with_suffix(f".{fmt}"),
-                      lambda p, fmt=fmt: fig.savefig(p, bbox_inches="tight", format=fmt))
-    _atomic_write(png, lambda p: fig.savefig(p, dpi=DPI, bbox_inches="tight", format="png"))
+    for fmt, dpi in (("pdf", "figure"), ("svg", "figure"), ("png", DPI)):
+        _atomic_write(png.with_suffix(f".{fmt}"), functools.partial(
+            fig.savefig, bbox_inches="tight", format=fmt, dpi=dpi))
     logger.info("wrote %s (+ .pdf, .svg) and %s", png, csv.name)
     return png
 
@@ -185,7 +185,7 @@ def violin_cs2(
         parts = ax.violinplot(
             violin_data, positions=violin_pos, widths=0.8, showmedians=True, showextrema=True
         )
-        for body in parts["bodies"]:
+        for body in parts["bodies"]:  # type: ignore[attr-defined]
             body.set_facecolor("C0")
             body.set_edgecolor("C0")
             body.set_alpha(0.45)
@@ -469,7 +469,7 @@ def violin_predominance(
             x = gi + off
             if vals.size >= 2 and np.ptp(vals) > 0:
                 parts = ax.violinplot([vals], positions=[x], widths=0.35, showmedians=True)
-                for body in parts["bodies"]:
+                for body in parts["bodies"]:  # type: ignore[attr-defined]
                     body.set_facecolor(colour)
                     body.set_edgecolor(colour)
                     body.set_alpha(0.45)
