@@ -574,7 +574,7 @@ def _localize_dataset(args, selection) -> int:
         "seed": args.seed,
     }
     store.write_config(config, overwrite=args.overwrite)
-    store.write_env(environment_info({"command": "localize"}))
+    store.write_env(environment_info({"command": "localize", "argv": args.argv}))
     res = localize(model, facts, store, cfg, progress=not args.quiet, executor=executor)
     q = res.queries
     print(f"localized {res.computed} queries ({res.skipped_done} already done) in "
@@ -795,7 +795,8 @@ def cmd_reproduce(args) -> int:
     _check_writable(args.out)
     reproduce(args.out, model=args.model, preset=preset, device=args.device,
               dtype=args.dtype, seed=args.seed, overwrite=args.overwrite,
-              progress=not args.quiet, ppl_text=args.ppl_text, executor=_executor(args))
+              progress=not args.quiet, ppl_text=args.ppl_text, executor=_executor(args),
+              argv=args.argv)
     return 0
 
 
@@ -853,6 +854,8 @@ _ENV_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUO
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # the command line as a user reruns it (recorded in env.json, quoted in 'finish it with')
+    args.argv = ["knowloc", *(sys.argv[1:] if argv is None else argv)]
     handlers = _setup_logging(args.verbose)
     try:
         _check_options(args)

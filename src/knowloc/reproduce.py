@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -125,11 +125,13 @@ def reproduce(
     progress: bool = True,
     ppl_text: str | Path | None = None,
     executor: Executor | None = None,
+    argv: Sequence[str] | None = None,
 ) -> Path:
     """Run the preset's experiments into ``out`` and write ``out/report.html``.
 
     ``executor`` computes every stage's units (default: in this process, see
-    :func:`knowloc.pipeline.distributed.make_executor`).
+    :func:`knowloc.pipeline.distributed.make_executor`). ``argv``: the command line recorded
+    in ``env.json`` (default: this process's).
     """
     from .data import load_facts
     from .evaluation import load_ppl_corpus
@@ -192,7 +194,8 @@ def reproduce(
     if p.attention:
         config["attention"] = acfg.as_dict()
     store.write_config(config, overwrite=overwrite)
-    store.write_env(environment_info({"command": "reproduce", "preset": p.name}))
+    store.write_env(environment_info({"command": "reproduce", "preset": p.name,
+                                      **({"argv": list(argv)} if argv else {})}))
 
     with _timed(timings, "screen (one forward per query)"):
         screened = screen(model, facts, store, progress=progress,

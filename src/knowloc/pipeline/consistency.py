@@ -62,6 +62,10 @@ def consistency(store: RunStore, *, population: str = "known", static_threshold:
     if query_ids is not None:
         queries = queries[queries["query_id"].isin(query_ids)]
         neurons = neurons[neurons["query_id"].isin(query_ids)] if len(neurons) else neurons
+    if len(neurons):  # a unit is finished when its queries row exists (written last)
+        done = set(zip(queries["method"], queries["query_id"]))
+        neurons = neurons[[(m, q) in done for m, q in zip(neurons["method"],
+                                                           neurons["query_id"])]]
     if queries.empty:
         raise RunError(f"run {store.root} has no localized queries; run `knowloc localize` first")
     if neurons.empty:
