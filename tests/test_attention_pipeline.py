@@ -170,7 +170,7 @@ def test_cas_keys_leave_local_and_global_units_alone(run, capsys):
     base = ["-q", "modify", "--run", str(run), "--op", "erase", "--method", "amig",
             "--ppl-pool", "4", "--ppl-max-tokens", "12"]
     assert main(base) == 0
-    n = len(list((run / "parts" / "edits").glob("*")))
+    n = len([p for p in (run / "parts" / "edits").glob("*") if not p.name.startswith(".")])
     capsys.readouterr()
     assert main(base + ["--set", "local,global,cas"]) == 0
     out = capsys.readouterr().out
@@ -214,9 +214,10 @@ def test_heatmap_command(tiny_dir, tmp_path, capsys):
     assert len(f1) == 2 * 3 * 16 and set(f1["condition"]) == {"none"}  # 2 prompts x 3 layers
     assert f1["is_kn"].any()
     f7 = pd.read_csv(out / "figure7.csv")
-    assert set(f7["condition"]) == {"suppress", "suppress (position 0 excluded)"}
+    # the unchanged panel is kept beside the manipulated ones for the difference panels
+    assert set(f7["condition"]) == {"none", "suppress", "suppress (position 0 excluded)"}
     f10 = pd.read_csv(out / "figure10.csv")
-    assert set(f10["condition"]) == {"enhance", "enhance (position 0 excluded)"}
+    assert set(f10["condition"]) == {"none", "enhance", "enhance (position 0 excluded)"}
     for name in ("figure1", "figure7", "figure10"):
         assert (out / f"{name}.png").stat().st_size > 1000
     # the unmanipulated activations are the model's

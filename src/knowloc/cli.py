@@ -99,9 +99,11 @@ def _add_executor_args(p: argparse.ArgumentParser) -> None:
                    help="Ray workers (default: the cluster's GPUs / --gpus-per-worker, else "
                         "its CPUs / --threads-per-worker)")
     g.add_argument("--gpus-per-worker", type=float, default=None,
-                   help="GPUs per Ray worker (fractions share a GPU; > 0 loads on cuda)")
+                   help="GPUs per Ray worker (fractions share a GPU; > 0 loads on cuda) "
+                        "(default: 0, CPU workers)")
     g.add_argument("--threads-per-worker", type=int, default=None,
-                   help="torch threads (and CPUs reserved) per Ray worker")
+                   help="torch threads (and CPUs reserved) per Ray worker (default: a local "
+                        "instance's cores split among the workers, else 1)")
 
 
 def _executor(args) -> Any:
@@ -148,7 +150,7 @@ def _consistency_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--static-threshold", type=float, default=0.1,
                    help="K_I if CS2 > threshold (Table 1)")
     p.add_argument("--allow-partial", action="store_true",
-                   help="use the finished units of an unfinished localization")
+                   help="use the finished units of an unfinished localization (default: refuse)")
     p.add_argument("--localize", action="store_true",
                    help="first localize what is missing, with the dataset/model/attribution "
                         "options below (same as `knowloc localize`)")

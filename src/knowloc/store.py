@@ -435,9 +435,11 @@ class RunStore:
         others stay on disk as a cache)."""
         tdir = self._table_dir(table)
         tdir.mkdir(parents=True, exist_ok=True)
-        plain = sorted({self._check_key(k) for k in keys})
-        _atomic_write_text(tdir / CURRENT_FILE, json.dumps({"keys": plain}) + "\n",
-                           fsync=self.fsync)
+        text = json.dumps({"keys": sorted({self._check_key(k) for k in keys})}) + "\n"
+        path = tdir / CURRENT_FILE
+        if path.exists() and path.read_text(encoding="utf-8") == text:
+            return  # a rerun of the same configuration leaves the directory untouched
+        _atomic_write_text(path, text, fsync=self.fsync)
 
     def current_keys(self, table: str) -> set[str] | None:
         """The keys of ``table``'s current configuration; None when it has no key list
