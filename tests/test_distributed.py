@@ -231,7 +231,8 @@ def test_stages_via_ray_write_the_local_executors_bytes(executor, model, facts, 
 def test_killed_worker_between_units_still_gives_identical_tables(executor, model, facts,
                                                                    local_run, tmp_path):
     before = executor.worker_pids()
-    assert len(before) == 2
+    # workers that loaded their model before the last run ended (a slow one may not have)
+    assert 1 <= len(before) <= 2
     os.kill(before[0], signal.SIGKILL)  # what the OOM killer does
     deadline = time.time() + 30
     while time.time() < deadline and os.path.exists(f"/proc/{before[0]}"):
