@@ -230,6 +230,8 @@ def test_stages_via_ray_write_the_local_executors_bytes(executor, model, facts, 
 
 def test_killed_worker_between_units_still_gives_identical_tables(executor, model, facts,
                                                                    local_run, tmp_path):
+    if not executor.worker_pids():  # run alone: let the workers load their model first
+        run_stages(tmp_path / "warm", model, facts, executor, later=False)
     before = executor.worker_pids()
     # workers that loaded their model before the last run ended (a slow one may not have)
     assert 1 <= len(before) <= 2
@@ -240,7 +242,7 @@ def test_killed_worker_between_units_still_gives_identical_tables(executor, mode
     got = run_stages(tmp_path / "run", model, facts, executor, later=False)
     assert consolidated(got, *LOCALIZED) == consolidated(local_run, *LOCALIZED)
     after = executor.worker_pids()
-    assert before[0] not in after and before[1] in after  # its replacement may still load
+    assert before[0] not in after and all(p in after for p in before[1:])  # replacement may load
 
 
 def test_unit_that_always_kills_its_worker_fails_after_bounded_retries(executor, model):
@@ -301,7 +303,7 @@ def test_killed_driver_resumes_with_the_local_executor(cluster, executor, model,
         from knowloc.cli import main
 
         assert main(["-q", *args, "--out", str(reference)]) == 0
-    total = len(list((reference / "parts" / "queries").iterdir()))
+    total = len(list((reference / "parts" / "queries").glob("*.parquet")))
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     driver = subprocess.Popen(cli(*args, "--out", str(run), "--executor", "ray", "--ray-address",
@@ -310,7 +312,7 @@ def test_killed_driver_resumes_with_the_local_executor(cluster, executor, model,
     parts = run / "parts" / "queries"
     deadline = time.time() + 180
     while driver.poll() is None and time.time() < deadline:
-        if parts.exists() and any(parts.iterdir()):
+        if parts.exists() and any(parts.glob("*.parquet")):
             break
         time.sleep(0.01)
     assert driver.poll() is None, f"the driver ended first: {driver.stderr.read()[-2000:]}"
@@ -337,7 +339,7 @@ def test_missing_ray_through_the_cli(tmp_path, tiny_dir, facts_file):
     (blocker / "ray.py").write_text("raise ImportError('No module named ray')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker),
                                                         os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run(cli("localize", "--model", str(tmp_path / "never-loaded"), "--dataset",
+    out = subprocess.run(cli("localize", "--model", "smollm2-135m", "--dataset",
                              f"jsonl:{facts_file}", "--out", str(tmp_path / "run"),
                              "--executor", "ray"), env=env, capture_output=True, text=True, check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr
