@@ -66,15 +66,6 @@ from knowloc import attribute, load_model
 from knowloc.data import Query, load_facts
 from knowloc.models import Model, wrap
 
-try:
-    from knowloc.pipeline.units import Unit
-except ImportError:  # the unit runner is not in this tree yet: a stand-in with its fields
-    @dataclass(frozen=True)
-    class Unit:  # type: ignore[no-redef]
-        key: str
-        payload: Any
-        label: str = ""
-
 METHODS_IN_PAPER = 3  # IG, SIG, AMIG
 LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
              "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
@@ -172,14 +163,14 @@ def run_local(model: Model, jobs: Sequence[Job], warmup: int) -> Phase:
 def run_ray(model: Model, jobs: Sequence[Job], workers: int, threads: int) -> Phase:
     from knowloc.pipeline.distributed import RayConfig, RayExecutor
 
-    units = [Unit(job.query.query_id, job, job.query.prompt) for job in jobs]
     with RayExecutor(RayConfig(workers=workers, threads_per_worker=threads)) as ex:
         t0 = time.perf_counter()
-        for _ in ex.map(localize_query, units[: 2 * workers], model):  # start-up + warm-up
+        for _ in ex.run(localize_query, model, jobs[: 2 * workers]):  # start-up + warm-up
             pass
         setup = time.perf_counter() - t0
         with Timer() as t:
-            results = {u.key: tables for u, tables in ex.map(localize_query, units, model)}
+            results = {jobs[i].query.query_id: tables
+                       for i, tables in ex.run(localize_query, model, jobs)}
     cpu = sum(float(r["queries"]["cpu_seconds"].iloc[0]) for r in results.values())
     return Phase(f"ray ({workers} workers x {threads} thread{'s' * (threads > 1)})", len(jobs),
                  t.wall, cpu, os.cpu_count() or 1, t.others(cpu), setup, results)
