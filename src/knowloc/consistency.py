@@ -92,7 +92,6 @@ TABLE1_COLUMNS: list[str] = [
 ]
 
 #: Paper order of the localization methods (Dai et al., Enguehard, Chen et al.).
-_METHOD_ORDER: tuple[str, ...] = ("ig", "sig", "amig")
 
 _QUERY_COLUMNS = ("method", "fact_id", "relation", "query_id", "known")
 _NEURON_COLUMNS = ("method", "fact_id", "query_id", "layer", "neuron")
@@ -113,10 +112,11 @@ def _require_columns(df: pd.DataFrame, columns: Iterable[str], name: str) -> Non
 
 
 def _method_order(methods: Iterable[str]) -> list[str]:
-    """Methods in paper order (ig, sig, amig), any others after them alphabetically."""
-    present = set(methods)
-    known = [m for m in _METHOD_ORDER if m in present]
-    return known + sorted(present - set(_METHOD_ORDER))
+    """Methods in the registry's display order (ig, sig, amig, ...), unregistered ones after
+    them alphabetically."""
+    from .attribution import sort_methods
+
+    return sort_methods(set(methods))
 
 
 def _empty_scores() -> pd.DataFrame:
