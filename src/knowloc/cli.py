@@ -564,7 +564,8 @@ def _localize_dataset(args, selection) -> int:
     store = RunStore(args.out)
     config = {
         "fingerprint": {"model": model_fingerprint(model), "n_steps": args.n_steps,
-                        "sig_mode": args.sig_mode, "selection": selection.as_dict()},
+                        "sig_mode": args.sig_mode, "selection": selection.as_dict(),
+                        "weights": model.weights_identity()["sha256"]},
         "model": {"name": args.model, "device": args.device, "dtype": args.dtype},
         "dataset": {"source": facts.source, "relations": facts.relations,
                     "facts_per_relation": args.facts_per_relation,
@@ -576,7 +577,8 @@ def _localize_dataset(args, selection) -> int:
         "seed": args.seed,
     }
     store.write_config(config, overwrite=args.overwrite)
-    store.write_env(environment_info({"command": "localize", "argv": args.argv}))
+    store.write_env(environment_info({"command": "localize", "argv": args.argv,
+                                      "weights": model.weights_identity()}))
     res = localize(model, facts, store, cfg, progress=not args.quiet, executor=executor)
     q = res.queries
     print(f"localized {res.computed} queries ({res.skipped_done} already done) in "
@@ -639,6 +641,11 @@ def _load_run_model(args, config: dict) -> Any:
     if expected and model_fingerprint(model) != expected:
         raise RunError(f"model {args.model} ({model_fingerprint(model)}) is not the model of run "
                        f"{args.run} ({expected}); pass the run's --model")
+    weights = (config.get("fingerprint") or {}).get("weights")
+    if weights and model.weights_identity()["sha256"] != weights:
+        raise RunError(f"the weights of model {args.model} changed since run {args.run} was "
+                       f"made (sha256 {weights[:12]}..., now "
+                       f"{model.weights_identity()['sha256'][:12]}...); pick the run's weights")
     return model
 
 

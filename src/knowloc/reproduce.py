@@ -180,7 +180,8 @@ def reproduce(
     fingerprint = model_fingerprint(model)
     config = {
         "fingerprint": {"model": fingerprint, "n_steps": p.n_steps,
-                        "sig_mode": cfg.sig_mode, "selection": p.selection.as_dict()},
+                        "sig_mode": cfg.sig_mode, "selection": p.selection.as_dict(),
+                        "weights": model.weights_identity()["sha256"]},
         "preset": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(p).items()},
         "model": {"name": model.name, "device": device, "dtype": dtype},
         "dataset": {"source": facts.source, "n_facts_loaded": len(facts),
@@ -195,6 +196,7 @@ def reproduce(
         config["attention"] = acfg.as_dict()
     store.write_config(config, overwrite=overwrite)
     store.write_env(environment_info({"command": "reproduce", "preset": p.name,
+                                      "weights": model.weights_identity(),
                                       **({"argv": list(argv)} if argv else {})}))
 
     with _timed(timings, "screen (one forward per query)"):

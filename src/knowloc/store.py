@@ -66,6 +66,11 @@ ENV_FILE = "env.json"
 CURRENT_FILE = ".current.json"
 THREADS_FILE = "threads.json"
 LOCK_FILE = ".lock"
+#: Fingerprint entries the unit keys do not contain: ``weights``, the hash of the model's
+#: weights (keys name the model by its fingerprint of name, adapter, dtype and shape, so a
+#: run's parts keep their keys across versions). Changing one is refused even with
+#: ``overwrite``, because the parts computed under the stored value would be reused.
+UNKEYED = ("weights",)
 _PART_SUFFIX = ".parquet"
 _EMPTY_SUFFIX = ".empty"
 _TMP_SUFFIX = ".tmp"
@@ -347,18 +352,34 @@ class RunStore:
         If ``config.yaml`` already exists and ``config["fingerprint"]`` (the part of the
         configuration that determines results) differs from the stored one, raise
         :class:`RunError` unless ``overwrite``; other sections may change between runs.
+        A change of an entry in :data:`UNKEYED` (the model's weights) is refused even with
+        ``overwrite``: the unit keys do not contain it, so the run's parts would be reused.
         """
         plain = to_plain(config)
         cfg_path = self.root / CONFIG_FILE
-        if not overwrite and "fingerprint" in plain and cfg_path.exists():
-            old = self.read_config()
-            old_fp, new_fp = old.get("fingerprint"), plain["fingerprint"]
-            if content_hash(old_fp) != content_hash(new_fp):
+        if "fingerprint" in plain and cfg_path.exists():
+            try:
+                old_fp = self.read_config().get("fingerprint")
+            except RunError:
+                if not overwrite:
+                    raise
+                old_fp = None  # an unreadable config is replaced
+            new_fp = plain["fingerprint"]
+            if old_fp is not None and content_hash(old_fp) != content_hash(new_fp):
                 diff = _describe_diff(old_fp, new_fp)
-                raise RunError(
-                    f"run directory {self.root} was made with another configuration "
-                    f"({diff}); pick another --out or pass --overwrite"
-                )
+                unkeyed = [k for k in UNKEYED if isinstance(old_fp, dict) and k in old_fp
+                           and isinstance(new_fp, dict)
+                           and content_hash(old_fp[k]) != content_hash(new_fp.get(k))]
+                if unkeyed:
+                    raise RunError(
+                        f"run directory {self.root} was made with other model weights ({diff}); "
+                        "its results cannot be reused with these weights, even with "
+                        "--overwrite: pick another --out")
+                if not overwrite:
+                    raise RunError(
+                        f"run directory {self.root} was made with another configuration "
+                        f"({diff}); pick another --out or pass --overwrite"
+                    )
         text = yaml.safe_dump(plain, sort_keys=False, allow_unicode=True, default_flow_style=False)
         _atomic_write_text(cfg_path, text, fsync=self.fsync)
 
