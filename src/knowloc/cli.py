@@ -85,6 +85,9 @@ def _add_attr_args(p: argparse.ArgumentParser) -> None:
                    help="integration points per forward pass (default: sized to --memory-gb)")
     g.add_argument("--memory-gb", type=float, default=2.0,
                    help="memory budget of one forward pass, in GB (> 0)")
+    g.add_argument("--keep-maps", action="store_true",
+                   help="keep each query's full attribution map in the run (table maps), so "
+                        "another --selection/--threshold is read off them without recomputing")
 
 
 def _add_executor_args(p: argparse.ArgumentParser) -> None:
@@ -192,6 +195,8 @@ def _reproduce_parser(sub: Any) -> argparse.ArgumentParser:
                         "(Figure 4)")
     p.add_argument("--no-attention", action="store_true",
                    help="skip the attention experiments (Figures 1, 5, 6, 7, 10)")
+    p.add_argument("--keep-maps", action="store_true",
+                   help="keep each query's full attribution map in the run (table maps)")
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--overwrite", action="store_true",
                    help="reuse --out even if it was made with another configuration")
@@ -560,7 +565,8 @@ def _localize_dataset(args, selection) -> int:
     model = _load(args)
     cfg = LocalizeConfig(methods=args.method, n_steps=args.n_steps, sig_mode=args.sig_mode,
                          selection=selection, internal_batch_size=args.batch_size,
-                         memory_budget_gb=args.memory_gb, target=args.target)
+                         memory_budget_gb=args.memory_gb, target=args.target,
+                         keep_maps=args.keep_maps)
     store = RunStore(args.out)
     config = {
         "fingerprint": {"model": model_fingerprint(model), "n_steps": args.n_steps,
@@ -805,7 +811,7 @@ def cmd_reproduce(args) -> int:
     reproduce(args.out, model=args.model, preset=preset, device=args.device,
               dtype=args.dtype, seed=args.seed, overwrite=args.overwrite,
               progress=not args.quiet, ppl_text=args.ppl_text, executor=_executor(args),
-              argv=args.argv)
+              argv=args.argv, keep_maps=args.keep_maps)
     return 0
 
 
