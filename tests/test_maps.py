@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 from tiny import tiny_model
@@ -79,6 +80,14 @@ def test_keeping_maps_changes_no_result(model, facts, tmp_path, kept_run):
     assert len(maps) == len(METHODS) * len(facts.queries())
     assert {len(s) for s in maps["scores"]} == {model.n_layers * model.d_mlp}
     assert not (kept.root / "maps.parquet").exists()  # the parts only, no second copy
+    part = next((kept.root / "parts" / "maps").glob("*.parquet"))
+    columns = pq.ParquetFile(part).metadata.row_group(0)
+    encodings = {columns.column(i).path_in_schema: columns.column(i).encodings
+                 for i in range(columns.num_columns)}
+    # a dictionary of distinct floats would make a map half as large again
+    assert "RLE_DICTIONARY" not in encodings["scores.list.element"]
+    assert "RLE_DICTIONARY" not in encodings["activations.list.element"]
+    assert "RLE_DICTIONARY" in encodings["prompt"]
 
 
 @pytest.mark.parametrize("selection", [Selection("relative", 0.5), Selection("topk", 7),

@@ -4,6 +4,7 @@ Layout of a run directory ``runs/<name>/``::
 
     config.yaml                 fully resolved configuration (``write_config``)
     env.json                    {"runs": [environment_info(), ...]} one entry per invocation
+                                (with the model's weights identity)
     parts/<table>/<key>.parquet one finished work unit (``put``)
     parts/<table>/<key>.empty   a finished work unit whose DataFrame has no columns
     parts/<table>/.current.json the keys of the table's current configuration (``set_current``)
@@ -289,7 +290,16 @@ def _frame_to_arrow(df: pd.DataFrame) -> pa.Table:
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
-    pq.write_table(table, path, **_PARQUET_OPTIONS)
+    """Write ``table`` with the fixed options; columns of float lists (attribution maps) are
+    written without a dictionary, which would make their files half as large again."""
+    options = dict(_PARQUET_OPTIONS)
+    floats = {f.name for f in table.schema
+              if pa.types.is_list(f.type) and pa.types.is_floating(f.type.value_type)}
+    if floats:
+        options["use_dictionary"] = [
+            f"{f.name}.list.element" if pa.types.is_list(f.type) else f.name
+            for f in table.schema if f.name not in floats]
+    pq.write_table(table, path, **options)
 
 
 # -------------------------------------------------------------------------- RunStore

@@ -165,6 +165,10 @@ def select_population(facts: FactSet, screened: pd.DataFrame, *, population: str
 # --------------------------------------------------------------------- localization
 @dataclass
 class LocalizeConfig:
+    """What to localize: the methods and their attribution settings, how knowledge neurons
+    are selected, how many top scores each query keeps (``keep_top``), and ``keep_maps``:
+    keep every query's full attribution map in the ``maps`` table."""
+
     methods: Sequence[str] = ("ig",)
     n_steps: int = 20
     sig_mode: str = "mean"
