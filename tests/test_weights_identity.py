@@ -133,3 +133,18 @@ def test_embedded_gemma_records_its_gguf_and_weight_file_hashes(gemma):
             digest.update(block)
     assert ident["files"] == {"model.safetensors": digest.hexdigest()}
     assert file_sha256(safetensors) == digest.hexdigest()
+
+
+def test_store_refuses_a_weights_change_even_with_overwrite(tmp_path):
+    from knowloc.errors import RunError
+    from knowloc.store import RunStore
+
+    store = RunStore(tmp_path / "run", fsync=False)
+    store.write_config({"fingerprint": {"n_steps": 3}})  # made before weights were recorded
+    store.write_config({"fingerprint": {"n_steps": 3, "weights": "a" * 64}}, overwrite=True)
+    store.write_config({"fingerprint": {"n_steps": 4, "weights": "a" * 64}}, overwrite=True)
+    with pytest.raises(RunError, match="other model weights.*even with --overwrite"):
+        store.write_config({"fingerprint": {"n_steps": 4, "weights": "b" * 64}}, overwrite=True)
+    with pytest.raises(RunError, match="fingerprint.weights"):
+        store.write_config({"fingerprint": {"n_steps": 4}})
+    assert store.read_config()["fingerprint"]["weights"] == "a" * 64

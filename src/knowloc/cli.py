@@ -87,7 +87,8 @@ def _add_attr_args(p: argparse.ArgumentParser) -> None:
                    help="memory budget of one forward pass, in GB (> 0)")
     g.add_argument("--keep-maps", action="store_true",
                    help="keep each query's full attribution map in the run (table maps), so "
-                        "another --selection/--threshold is read off them without recomputing")
+                        "another --selection/--threshold is read off them without recomputing "
+                        "(default: off, the top 200 scores per query)")
 
 
 def _add_executor_args(p: argparse.ArgumentParser) -> None:
@@ -196,7 +197,8 @@ def _reproduce_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-attention", action="store_true",
                    help="skip the attention experiments (Figures 1, 5, 6, 7, 10)")
     p.add_argument("--keep-maps", action="store_true",
-                   help="keep each query's full attribution map in the run (table maps)")
+                   help="keep each query's full attribution map in the run (table maps) "
+                        "(default: off, the top 200 scores per query)")
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--overwrite", action="store_true",
                    help="reuse --out even if it was made with another configuration")
