@@ -85,6 +85,10 @@ def _add_attr_args(p: argparse.ArgumentParser) -> None:
                    help="integration points per forward pass (default: sized to --memory-gb)")
     g.add_argument("--memory-gb", type=float, default=2.0,
                    help="memory budget of one forward pass, in GB (> 0)")
+    g.add_argument("--keep-maps", action="store_true",
+                   help="keep each query's full attribution map in the run (table maps), so "
+                        "another --selection/--threshold is read off them without recomputing "
+                        "(default: off, the top 200 scores per query)")
 
 
 def _add_executor_args(p: argparse.ArgumentParser) -> None:
@@ -192,6 +196,9 @@ def _reproduce_parser(sub: Any) -> argparse.ArgumentParser:
                         "(Figure 4)")
     p.add_argument("--no-attention", action="store_true",
                    help="skip the attention experiments (Figures 1, 5, 6, 7, 10)")
+    p.add_argument("--keep-maps", action="store_true",
+                   help="keep each query's full attribution map in the run (table maps) "
+                        "(default: off, the top 200 scores per query)")
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--overwrite", action="store_true",
                    help="reuse --out even if it was made with another configuration")
@@ -560,11 +567,13 @@ def _localize_dataset(args, selection) -> int:
     model = _load(args)
     cfg = LocalizeConfig(methods=args.method, n_steps=args.n_steps, sig_mode=args.sig_mode,
                          selection=selection, internal_batch_size=args.batch_size,
-                         memory_budget_gb=args.memory_gb, target=args.target)
+                         memory_budget_gb=args.memory_gb, target=args.target,
+                         keep_maps=args.keep_maps)
     store = RunStore(args.out)
     config = {
         "fingerprint": {"model": model_fingerprint(model), "n_steps": args.n_steps,
-                        "sig_mode": args.sig_mode, "selection": selection.as_dict()},
+                        "sig_mode": args.sig_mode, "selection": selection.as_dict(),
+                        "weights": model.weights_identity()["sha256"]},
         "model": {"name": args.model, "device": args.device, "dtype": args.dtype},
         "dataset": {"source": facts.source, "relations": facts.relations,
                     "facts_per_relation": args.facts_per_relation,
@@ -576,7 +585,8 @@ def _localize_dataset(args, selection) -> int:
         "seed": args.seed,
     }
     store.write_config(config, overwrite=args.overwrite)
-    store.write_env(environment_info({"command": "localize", "argv": args.argv}))
+    store.write_env(environment_info({"command": "localize", "argv": args.argv,
+                                      "weights": model.weights_identity()}))
     res = localize(model, facts, store, cfg, progress=not args.quiet, executor=executor)
     q = res.queries
     print(f"localized {res.computed} queries ({res.skipped_done} already done) in "
@@ -639,6 +649,11 @@ def _load_run_model(args, config: dict) -> Any:
     if expected and model_fingerprint(model) != expected:
         raise RunError(f"model {args.model} ({model_fingerprint(model)}) is not the model of run "
                        f"{args.run} ({expected}); pass the run's --model")
+    weights = (config.get("fingerprint") or {}).get("weights")
+    if weights and model.weights_identity()["sha256"] != weights:
+        raise RunError(f"the weights of model {args.model} changed since run {args.run} was "
+                       f"made (sha256 {weights[:12]}..., now "
+                       f"{model.weights_identity()['sha256'][:12]}...); pick the run's weights")
     return model
 
 
@@ -798,7 +813,7 @@ def cmd_reproduce(args) -> int:
     reproduce(args.out, model=args.model, preset=preset, device=args.device,
               dtype=args.dtype, seed=args.seed, overwrite=args.overwrite,
               progress=not args.quiet, ppl_text=args.ppl_text, executor=_executor(args),
-              argv=args.argv)
+              argv=args.argv, keep_maps=args.keep_maps)
     return 0
 
 

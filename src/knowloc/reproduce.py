@@ -126,12 +126,14 @@ def reproduce(
     ppl_text: str | Path | None = None,
     executor: Executor | None = None,
     argv: Sequence[str] | None = None,
+    keep_maps: bool = False,
 ) -> Path:
     """Run the preset's experiments into ``out`` and write ``out/report.html``.
 
     ``executor`` computes every stage's units (default: in this process, see
     :func:`knowloc.pipeline.distributed.make_executor`). ``argv``: the command line recorded
-    in ``env.json`` (default: this process's).
+    in ``env.json`` (default: this process's). ``keep_maps``: keep every query's full
+    attribution map in the run (see :class:`~knowloc.pipeline.localize.LocalizeConfig`).
     """
     from .data import load_facts
     from .evaluation import load_ppl_corpus
@@ -167,7 +169,8 @@ def reproduce(
         if isinstance(model, str):
             model = load_model(model, device=device, dtype=dtype)
     store = RunStore(out)
-    cfg = LocalizeConfig(methods=p.methods, n_steps=p.n_steps, selection=p.selection)
+    cfg = LocalizeConfig(methods=p.methods, n_steps=p.n_steps, selection=p.selection,
+                         keep_maps=keep_maps)
     edit_methods = [m for m in p.methods if p.modify_methods is None or m in p.modify_methods]
     edit_methods = edit_methods or list(p.methods[:1])
     mcfg = ModifyConfig(methods=edit_methods, split_threshold=p.static_threshold,
@@ -180,7 +183,8 @@ def reproduce(
     fingerprint = model_fingerprint(model)
     config = {
         "fingerprint": {"model": fingerprint, "n_steps": p.n_steps,
-                        "sig_mode": cfg.sig_mode, "selection": p.selection.as_dict()},
+                        "sig_mode": cfg.sig_mode, "selection": p.selection.as_dict(),
+                        "weights": model.weights_identity()["sha256"]},
         "preset": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(p).items()},
         "model": {"name": model.name, "device": device, "dtype": dtype},
         "dataset": {"source": facts.source, "n_facts_loaded": len(facts),
@@ -195,6 +199,7 @@ def reproduce(
         config["attention"] = acfg.as_dict()
     store.write_config(config, overwrite=overwrite)
     store.write_env(environment_info({"command": "reproduce", "preset": p.name,
+                                      "weights": model.weights_identity(),
                                       **({"argv": list(argv)} if argv else {})}))
 
     with _timed(timings, "screen (one forward per query)"):

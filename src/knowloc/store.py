@@ -4,6 +4,7 @@ Layout of a run directory ``runs/<name>/``::
 
     config.yaml                 fully resolved configuration (``write_config``)
     env.json                    {"runs": [environment_info(), ...]} one entry per invocation
+                                (with the model's weights identity)
     parts/<table>/<key>.parquet one finished work unit (``put``)
     parts/<table>/<key>.empty   a finished work unit whose DataFrame has no columns
     parts/<table>/.current.json the keys of the table's current configuration (``set_current``)
@@ -66,6 +67,11 @@ ENV_FILE = "env.json"
 CURRENT_FILE = ".current.json"
 THREADS_FILE = "threads.json"
 LOCK_FILE = ".lock"
+#: Fingerprint entries the unit keys do not contain: ``weights``, the hash of the model's
+#: weights (keys name the model by its fingerprint of name, adapter, dtype and shape, so a
+#: run's parts keep their keys across versions). Changing one is refused even with
+#: ``overwrite``, because the parts computed under the stored value would be reused.
+UNKEYED = ("weights",)
 _PART_SUFFIX = ".parquet"
 _EMPTY_SUFFIX = ".empty"
 _TMP_SUFFIX = ".tmp"
@@ -284,7 +290,16 @@ def _frame_to_arrow(df: pd.DataFrame) -> pa.Table:
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
-    pq.write_table(table, path, **_PARQUET_OPTIONS)
+    """Write ``table`` with the fixed options; columns of float lists (attribution maps) are
+    written without a dictionary, which would make their files half as large again."""
+    options = dict(_PARQUET_OPTIONS)
+    floats = {f.name for f in table.schema
+              if pa.types.is_list(f.type) and pa.types.is_floating(f.type.value_type)}
+    if floats:
+        options["use_dictionary"] = [
+            f"{f.name}.list.element" if pa.types.is_list(f.type) else f.name
+            for f in table.schema if f.name not in floats]
+    pq.write_table(table, path, **options)
 
 
 # -------------------------------------------------------------------------- RunStore
@@ -347,18 +362,34 @@ class RunStore:
         If ``config.yaml`` already exists and ``config["fingerprint"]`` (the part of the
         configuration that determines results) differs from the stored one, raise
         :class:`RunError` unless ``overwrite``; other sections may change between runs.
+        A change of an entry in :data:`UNKEYED` (the model's weights) is refused even with
+        ``overwrite``: the unit keys do not contain it, so the run's parts would be reused.
         """
         plain = to_plain(config)
         cfg_path = self.root / CONFIG_FILE
-        if not overwrite and "fingerprint" in plain and cfg_path.exists():
-            old = self.read_config()
-            old_fp, new_fp = old.get("fingerprint"), plain["fingerprint"]
-            if content_hash(old_fp) != content_hash(new_fp):
+        if "fingerprint" in plain and cfg_path.exists():
+            try:
+                old_fp = self.read_config().get("fingerprint")
+            except RunError:
+                if not overwrite:
+                    raise
+                old_fp = None  # an unreadable config is replaced
+            new_fp = plain["fingerprint"]
+            if old_fp is not None and content_hash(old_fp) != content_hash(new_fp):
                 diff = _describe_diff(old_fp, new_fp)
-                raise RunError(
-                    f"run directory {self.root} was made with another configuration "
-                    f"({diff}); pick another --out or pass --overwrite"
-                )
+                unkeyed = [k for k in UNKEYED if isinstance(old_fp, dict) and k in old_fp
+                           and isinstance(new_fp, dict)
+                           and content_hash(old_fp[k]) != content_hash(new_fp.get(k))]
+                if unkeyed:
+                    raise RunError(
+                        f"run directory {self.root} was made with other model weights ({diff}); "
+                        "its results cannot be reused with these weights, even with "
+                        "--overwrite: pick another --out")
+                if not overwrite:
+                    raise RunError(
+                        f"run directory {self.root} was made with another configuration "
+                        f"({diff}); pick another --out or pass --overwrite"
+                    )
         text = yaml.safe_dump(plain, sort_keys=False, allow_unicode=True, default_flow_style=False)
         _atomic_write_text(cfg_path, text, fsync=self.fsync)
 

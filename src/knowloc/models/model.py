@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +23,8 @@ from .forward import ActivationFn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DTYPES", "TARGETS", "Model", "load_model", "resolve_device", "resolve_dtype", "wrap"]
+__all__ = ["DTYPES", "TARGETS", "Model", "file_sha256", "load_model", "resolve_device",
+           "resolve_dtype", "weight_files", "wrap"]
 
 def _get(root: Any, path: str) -> Any:
     obj = root
@@ -73,6 +77,38 @@ class Model:
     name: str
     revision: str | None = None
     checked: bool = field(default=False)
+    #: The files the weights were loaded from (:func:`load_model`); empty for a model built
+    #: in memory, whose :meth:`weights_identity` hashes the state dict instead.
+    weights_from: tuple[Path, ...] = ()
+    _identity: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def weights_identity(self) -> dict[str, Any]:
+        """What identifies the model's weights: ``sha256`` (one hex digest for all of them),
+        ``source`` (``"files"`` or ``"state_dict"``), the ``files`` with their own sha256, the
+        hub ``revision`` when known, and for an embedded model the ``gguf_sha256`` of the GGUF
+        it was dequantized from.
+
+        Loaded from files, ``sha256`` hashes the names and digests of the weight files
+        (:func:`file_sha256`, cached by path, size and mtime, so a re-load costs nothing);
+        built in memory, it hashes every state-dict tensor (name, dtype, shape, bytes).
+        Computed on the first call and kept: ask before editing the weights in place.
+        """
+        if self._identity is None:
+            ident: dict[str, Any] = {"revision": self.revision}
+            if self.weights_from:
+                files = {p.name: file_sha256(p) for p in self.weights_from}
+                listing = "".join(f"{n}\t{h}\n" for n, h in sorted(files.items()))
+                ident.update(source="files", files=files,
+                             sha256=hashlib.sha256(listing.encode("utf-8")).hexdigest())
+                from .. import embedded
+
+                provenance = embedded.read_provenance(self.weights_from[0].parent)
+                if provenance and provenance.get("gguf_sha256"):
+                    ident["gguf_sha256"] = str(provenance["gguf_sha256"])
+            else:
+                ident.update(source="state_dict", sha256=_state_dict_sha256(self.hf))
+            self._identity = ident
+        return dict(self._identity)
 
     # ----------------------------------------------------------------- structure
     @property
@@ -371,6 +407,109 @@ class Model:
         self.checked = True
 
 
+#: Weight files ``from_pretrained`` reads, by preference: safetensors, else PyTorch pickles.
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+HASH_CACHE_FILE = "file-sha256.json"
+
+#: Digests of this process: (resolved path, size, mtime in ns) -> sha256.
+_FILE_SHA256: dict[tuple[str, int, int], str] = {}
+
+
+def weight_files(directory: str | Path) -> tuple[Path, ...]:
+    """The weight files of a model directory (sorted), the first of
+    :data:`WEIGHT_PATTERNS` that matches; empty when there are none."""
+    root = Path(directory)
+    for pattern in WEIGHT_PATTERNS:
+        found = sorted(p for p in root.glob(pattern) if p.is_file())
+        if found:
+            return tuple(found)
+    return ()
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file, computed once per (path, size, mtime).
+
+    Digests are kept for this process and in ``file-sha256.json`` in knowloc's cache
+    directory (:func:`knowloc.embedded.cache_dir`), so hashing a model's weights again, here
+    or in a later process, costs nothing until the file changes.
+    """
+    from .. import embedded
+
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    entry = (str(resolved), stat.st_size, stat.st_mtime_ns)
+    if entry in _FILE_SHA256:
+        return _FILE_SHA256[entry]
+    cache_path = embedded.cache_dir() / HASH_CACHE_FILE
+    cache = _read_hash_cache(cache_path)
+    text_key = f"{entry[0]}|{entry[1]}|{entry[2]}"
+    digest = cache.get(text_key)
+    if not isinstance(digest, str):
+        sha = hashlib.sha256()
+        with open(resolved, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                sha.update(block)
+        digest = sha.hexdigest()
+        cache = {k: v for k, v in cache.items() if _still_there(k)}
+        cache[text_key] = digest
+        _write_hash_cache(cache_path, cache)
+    _FILE_SHA256[entry] = digest
+    return digest
+
+
+def _read_hash_cache(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _still_there(text_key: str) -> bool:
+    """Whether a digest cache entry ``path|size|mtime_ns`` still names the file as it is."""
+    path, _, rest = text_key.partition("|")
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return False
+    return rest == f"{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def _write_hash_cache(path: Path, cache: dict[str, Any]) -> None:
+    """Write the digest cache atomically; a cache that cannot be written is only logged."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            json.dump(cache, out, indent=0, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.debug("cannot write the weights digest cache %s: %s", path, exc)
+
+
+def _state_dict_sha256(module: nn.Module) -> str:
+    """sha256 of every state-dict tensor: name, dtype, shape and bytes, in name order."""
+    sha = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        sha.update(f"{name}\t{str(t.dtype).replace('torch.', '')}\t"
+                   f"{list(tensor.shape)}\n".encode())
+        sha.update(t.view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()
+
+
+def _hub_weight_files(name: str, revision: str | None) -> tuple[Path, ...]:
+    """The weight files of a hub id in the local Hugging Face cache (empty when unknown)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json", revision=revision)
+    except Exception as exc:  # noqa: BLE001 - any failure only means "files unknown"
+        log.debug("cannot locate %s in the Hugging Face cache: %s", name, exc)
+        return ()
+    return weight_files(Path(found).parent) if isinstance(found, str) else ()
+
+
 def wrap(hf_model: nn.Module, tokenizer: Any, *, name: str | None = None, check: bool = True) -> Model:
     """Wrap an in-memory transformers causal LM (frozen, eval mode) as a :class:`Model`."""
     adapter = find_adapter(hf_model.config)
@@ -430,4 +569,7 @@ def load_model(
     except Exception as exc:
         raise ModelError(f"cannot load model {name!r}: {exc}") from exc
     hf.to(dev)  # type: ignore[arg-type]
-    return wrap(hf, tok, name=name, check=check)
+    model = wrap(hf, tok, name=name, check=check)
+    model.weights_from = (weight_files(source) if Path(source).is_dir()
+                          else _hub_weight_files(source, model.revision))
+    return model

@@ -9,6 +9,9 @@ Stage tables (Parquet, under ``<run>/parts/<table>/<key>.parquet`` while running
 * ``neuron_sets``  one row per knowledge neuron of a query (layer, neuron, attribution, ...)
 * ``attributions`` the top ``keep_top`` attribution scores of each query (for CAS and plots)
 * ``timings``      wall-clock seconds per (method, query), apart so results stay byte-identical
+* ``maps``         with ``keep_maps``: the full attribution map of each (method, query), keyed
+                   by the attribution alone (:func:`map_key`), so another neuron selection
+                   is read off the stored maps without a model
 
 Each (model, prompt, answer, method config) is a content-hashed work unit: a rerun skips
 finished units, an interrupted run resumes, nothing is computed twice.
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,8 +34,8 @@ from ..models import Model
 from ..models.forward import answer_scores
 from ..neurons import Selection, neurons_frame
 from ..store import RunStore, content_hash
-from .run import model_fingerprint, with_ident
-from .units import Executor, Unit, run_units
+from .run import MAPS, map_frame, model_fingerprint, read_map, with_ident
+from .units import Compute, Executor, LocalExecutor, Tables, Unit, run_units
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +165,10 @@ def select_population(facts: FactSet, screened: pd.DataFrame, *, population: str
 # --------------------------------------------------------------------- localization
 @dataclass
 class LocalizeConfig:
+    """What to localize: the methods and their attribution settings, how knowledge neurons
+    are selected, how many top scores each query keeps (``keep_top``), and ``keep_maps``:
+    keep every query's full attribution map in the ``maps`` table."""
+
     methods: Sequence[str] = ("ig",)
     n_steps: int = 20
     sig_mode: str = "mean"
@@ -170,6 +177,7 @@ class LocalizeConfig:
     internal_batch_size: int | None = None
     memory_budget_gb: float = 2.0
     target: str = "first"
+    keep_maps: bool = False
 
     def attribution_configs(self) -> list[AttributionConfig]:
         return [
@@ -186,6 +194,7 @@ class LocalizeConfig:
             "selection": self.selection.as_dict(),
             "keep_top": self.keep_top,
             "target": self.target,
+            "keep_maps": self.keep_maps,
         }
 
 
@@ -202,9 +211,16 @@ def unit_key(model: Model, query: Query, cfg: AttributionConfig, selection: Sele
     )
 
 
+def map_key(model: Model, query: Query, cfg: AttributionConfig) -> str:
+    """The key of one query's attribution map with one method (no neuron selection)."""
+    return content_hash({"stage": MAPS, "model": model_fingerprint(model),
+                         "prompt": query.prompt, "answer": query.answer,
+                         "attribution": cfg.as_dict()})
+
+
 @dataclass(frozen=True)
 class LocalizeUnit:
-    """The payload of one localization unit."""
+    """The payload of one localization unit (``map_key``: the key of its attribution map)."""
 
     query: Query
     attribution: AttributionConfig
@@ -212,10 +228,18 @@ class LocalizeUnit:
     keep_top: int
     internal_batch_size: int | None
     memory_budget_gb: float
+    map_key: str | None = None
+
+    @property
+    def ident(self) -> dict[str, Any]:
+        """The identity columns of the unit's rows."""
+        q = self.query
+        return {"method": self.attribution.method, "relation": q.relation,
+                "fact_id": q.fact_id, "query_id": q.query_id}
 
 
-def localize_query(model: Model, unit: LocalizeUnit) -> dict[str, pd.DataFrame]:
-    """Attribution of one query: its knowledge neurons, top scores, timing and queries row."""
+def attribute_query(model: Model, unit: LocalizeUnit) -> tuple[Attribution, float]:
+    """The attribution of the unit's query and the seconds it took."""
     q, acfg = unit.query, unit.attribution
     t = time.time()
     attr = attribute(
@@ -231,8 +255,13 @@ def localize_query(model: Model, unit: LocalizeUnit) -> dict[str, pd.DataFrame]:
     )
     seconds = time.time() - t
     assert isinstance(attr, Attribution)  # one query in, one Attribution out
-    ident = {"method": acfg.method, "relation": q.relation, "fact_id": q.fact_id,
-             "query_id": q.query_id}
+    return attr, seconds
+
+
+def localization_tables(unit: LocalizeUnit, attr: Attribution, seconds: float) -> Tables:
+    """The unit's tables read off its attribution: knowledge neurons, top scores, timing
+    and queries row."""
+    q, acfg, ident = unit.query, unit.attribution, unit.ident
     kn = neurons_frame(attr, unit.selection)
     top = neurons_frame(attr, Selection("topk", min(unit.keep_top, attr.scores.numel())))
     row = {
@@ -252,11 +281,46 @@ def localize_query(model: Model, unit: LocalizeUnit) -> dict[str, pd.DataFrame]:
             "queries": pd.DataFrame([row])}
 
 
+def localize_query(model: Model, unit: LocalizeUnit) -> dict[str, pd.DataFrame]:
+    """Attribution of one query: its knowledge neurons, top scores, timing and queries row."""
+    attr, seconds = attribute_query(model, unit)
+    return localization_tables(unit, attr, seconds)
+
+
+def map_query(model: Model, unit: LocalizeUnit) -> dict[str, pd.DataFrame]:
+    """Attribution of one query: its full map (the ``maps`` row, :func:`~.run.map_frame`)."""
+    attr, seconds = attribute_query(model, unit)
+    return {MAPS: map_frame(attr, unit.ident, seconds)}
+
+
+class FromMaps:
+    """An executor of localization units that computes a unit whose attribution map is
+    stored from that map, here and without the model; the other units go to ``inner``."""
+
+    def __init__(self, inner: Executor, store: RunStore, stored: set[str]) -> None:
+        self.inner = inner
+        self.store = store
+        self.stored = stored
+
+    def run(self, compute: Compute, model: Any,
+            payloads: Sequence[Any]) -> Iterator[tuple[int, Tables]]:
+        rest: list[int] = []
+        for i, unit in enumerate(payloads):
+            if unit.map_key in self.stored:
+                attr, seconds = read_map(self.store, unit.map_key, unit.query.query_id)
+                yield i, localization_tables(unit, attr, seconds)
+            else:
+                rest.append(i)
+        if rest:
+            for j, tables in self.inner.run(compute, model, [payloads[i] for i in rest]):
+                yield rest[j], tables
+
+
 def retire_downstream(store: RunStore) -> None:
     """Retire every table computed from the localized queries (consistency and the stages
     after it): a run directory holds one localization, and their rows belong to another.
     Their parts stay as a cache; rerunning those stages restores them without computing."""
-    own = {"screen", *LOCALIZE_TABLES}
+    own = {"screen", MAPS, *LOCALIZE_TABLES}
     stale = [t for t in store.tables() if t not in own]
     for table in stale:
         store.retire(table)
@@ -283,11 +347,17 @@ def localize(
     progress: bool = True,
     executor: Executor | None = None,
 ) -> LocalizeResult:
-    """Localize the knowledge neurons of every query of ``facts`` with every method."""
+    """Localize the knowledge neurons of every query of ``facts`` with every method.
+
+    With ``cfg.keep_maps`` every query's full attribution map is stored first (the ``maps``
+    table; :func:`~knowloc.pipeline.run.load_maps` reads them back). A unit not done whose
+    map is stored, from this or an earlier call, is read off the map without the model, so
+    another neuron selection on a run with maps computes no attribution.
+    """
     units = [
         Unit(unit_key(model, q, acfg, cfg.selection),
              LocalizeUnit(q, acfg, cfg.selection, cfg.keep_top, cfg.internal_batch_size,
-                          cfg.memory_budget_gb),
+                          cfg.memory_budget_gb, map_key(model, q, acfg)),
              f"{acfg.method} {q.relation} {q.prompt[-30:]}",
              {"method": acfg.method, "relation": q.relation, "fact_id": q.fact_id,
               "query_id": q.query_id})
@@ -296,6 +366,13 @@ def localize(
     before = store.current_keys("queries")
     if before is not None and before != {u.key for u in units}:
         retire_downstream(store)
+    if cfg.keep_maps:
+        maps = [Unit(u.payload.map_key, u.payload, u.label, u.ident) for u in units]
+        run_units(maps, map_query, store, model=model, marker=MAPS, executor=executor,
+                  desc="attribution maps", unit_name="query", progress=progress)
+    stored = store.done_keys(MAPS)
+    if stored:
+        executor = FromMaps(executor or LocalExecutor(), store, stored)
     stats = run_units(units, localize_query, store, model=model, marker="queries",
                       consolidate=LOCALIZE_TABLES, executor=executor, desc="localizing",
                       unit_name="query", progress=progress)

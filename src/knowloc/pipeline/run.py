@@ -7,20 +7,22 @@ every query of the run (screened ones too, for locality and unrelated queries).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ..attribution import sort_methods
+from ..attribution import Attribution, sort_methods
 from ..consistency import Threshold
 from ..errors import ConfigError, RunError
 from ..models import Model
-from ..store import RunStore, content_hash
+from ..store import RunStore, content_hash, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -144,3 +146,79 @@ def fact_queries(run: RunFacts, method: str, fact_id: str) -> pd.DataFrame:
     """The run's queries of one fact for one method, by query id."""
     q = run.queries
     return q[(q["method"] == method) & (q["fact_id"] == fact_id)].sort_values("query_id")
+
+
+# ---------------------------------------------------------------- attribution maps
+#: The table of full attribution maps (``localize --keep-maps``).
+MAPS = "maps"
+
+
+def map_frame(attr: Attribution, ident: dict[str, Any], seconds: float) -> pd.DataFrame:
+    """The ``maps`` row of one attribution: ``ident``, the query and its prediction, the
+    attribution's config (JSON text, and ``n_steps``), the seconds it took, and the full
+    ``scores`` and ``activations`` maps flattened (``n_layers`` x ``d_mlp``, in the maps'
+    dtype: float32, float64 for a float64 model). :func:`map_attribution` reads it back."""
+    scores = attr.scores.detach().cpu().numpy()
+    acts = attr.activations.detach().cpu().numpy()
+    row = {"prompt": attr.prompt, "answer": attr.answer, "target_id": int(attr.target_id),
+           "target_ids": np.asarray(attr.target_ids, dtype=np.int64),
+           "prob": float(attr.prob), "top1": bool(attr.top1),
+           "predicted_id": int(attr.predicted_id), "predicted": attr.predicted,
+           "n_steps": attr.config.get("n_steps"),
+           "config": json.dumps(to_plain(attr.config), sort_keys=True),
+           "extra": json.dumps(to_plain(attr.extra), sort_keys=True),
+           "seconds": float(seconds), "n_layers": int(scores.shape[0]),
+           "d_mlp": int(scores.shape[1]), "dtype": str(scores.dtype),
+           "scores": scores.reshape(-1), "activations": acts.reshape(-1)}
+    return with_ident(pd.DataFrame([row]), ident)
+
+
+def map_attribution(row: Any) -> tuple[Attribution, float]:
+    """The :class:`Attribution` of one ``maps`` row (a named tuple or Series, see
+    :func:`map_frame`), bit-identical to the one stored, and the seconds it took."""
+    shape = (int(row.n_layers), int(row.d_mlp))
+    dtype = np.dtype(str(row.dtype))
+    attr = Attribution(
+        prompt=str(row.prompt), answer=str(row.answer), target_id=int(row.target_id),
+        method=str(row.method),
+        scores=torch.from_numpy(np.asarray(row.scores, dtype=dtype).reshape(shape).copy()),
+        activations=torch.from_numpy(
+            np.asarray(row.activations, dtype=dtype).reshape(shape).copy()),
+        prob=float(row.prob), top1=bool(row.top1), predicted_id=int(row.predicted_id),
+        predicted=str(row.predicted), config=json.loads(row.config),
+        query_id=str(row.query_id), fact_id=str(row.fact_id), relation=str(row.relation),
+        extra=json.loads(row.extra), target_ids=tuple(int(t) for t in row.target_ids))
+    return attr, float(row.seconds)
+
+
+def read_map(store: RunStore, key: str, query_id: str) -> tuple[Attribution, float]:
+    """The stored map ``key`` of query ``query_id`` (a map shared by queries with the same
+    prompt and answer holds a row for each) and the seconds it took."""
+    part = store.get(MAPS, key)
+    rows = part[part["query_id"].astype(str) == query_id]
+    return map_attribution(next((rows if len(rows) else part).itertuples(index=False)))
+
+
+def load_maps(run: str | Path | RunStore, methods: Sequence[str] | None = None,
+              query_ids: Sequence[str] | None = None) -> dict[tuple[str, str], Attribution]:
+    """The full attribution maps a run kept (``knowloc localize --keep-maps``), as
+    (method, query_id) -> :class:`~knowloc.attribution.Attribution`, for ``methods`` and
+    ``query_ids`` (default: all of the run's current localization).
+
+    Re-threshold them without a model, e.g.
+    ``neurons_frame(maps["ig", qid], Selection("relative", 0.3))``. A run without kept maps
+    gives an empty dict.
+    """
+    store = run if isinstance(run, RunStore) else RunStore(run, create=False)
+    table = store.table(MAPS)
+    if table.empty:
+        return {}
+    if methods is not None:
+        table = table[table["method"].isin(list(methods))]
+    if query_ids is not None:
+        table = table[table["query_id"].isin(list(query_ids))]
+    out: dict[tuple[str, str], Attribution] = {}
+    for row in table.itertuples(index=False):
+        attr, _ = map_attribution(row)
+        out[(attr.method, str(row.query_id))] = attr
+    return out
