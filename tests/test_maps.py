@@ -160,3 +160,24 @@ def test_cli_rethreshold_without_recomputing(tiny_dir, facts_file, tmp_path, mon
                  "--out", str(run)]) == 0
     assert calls == []
     _same_tables(RunStore(fresh, create=False), RunStore(run, create=False))
+
+
+def test_another_keep_top_is_not_read_from_old_parts(model, facts, tmp_path):
+    """Bug report: ``keep_top`` was not in the unit key, so a run localized again with another
+    ``keep_top`` reported the old number of top scores per query."""
+    store = RunStore(tmp_path / "run", fsync=False)
+    localize(model, facts, store, LocalizeConfig(methods=METHODS, n_steps=3, keep_top=12,
+                                                 selection=Selection("relative", 0.2)),
+             progress=False)
+    assert store.table("attributions").groupby(["method", "query_id"]).size().eq(12).all()
+    localize(model, facts, store, LocalizeConfig(methods=METHODS, n_steps=3, keep_top=7,
+                                                 selection=Selection("relative", 0.2)),
+             progress=False)
+    sizes = store.table("attributions").groupby(["method", "query_id"]).size()
+    assert sizes.eq(7).all(), sizes.value_counts()
+    fresh = RunStore(tmp_path / "fresh", fsync=False)
+    localize(model, facts, fresh, LocalizeConfig(methods=METHODS, n_steps=3, keep_top=7,
+                                                 selection=Selection("relative", 0.2)),
+             progress=False)
+    pd.testing.assert_frame_equal(pd.read_parquet(store.root / "attributions.parquet"),
+                                  pd.read_parquet(fresh.root / "attributions.parquet"))

@@ -198,7 +198,8 @@ class LocalizeConfig:
         }
 
 
-def unit_key(model: Model, query: Query, cfg: AttributionConfig, selection: Selection) -> str:
+def unit_key(model: Model, query: Query, cfg: AttributionConfig, selection: Selection,
+             keep_top: int) -> str:
     """The unit key of localizing one query with one method."""
     return content_hash(
         {
@@ -207,6 +208,7 @@ def unit_key(model: Model, query: Query, cfg: AttributionConfig, selection: Sele
             "answer": query.answer,
             "attribution": cfg.as_dict(),
             "selection": selection.as_dict(),
+            "keep_top": keep_top,
         }
     )
 
@@ -355,7 +357,7 @@ def localize(
     another neuron selection on a run with maps computes no attribution.
     """
     units = [
-        Unit(unit_key(model, q, acfg, cfg.selection),
+        Unit(unit_key(model, q, acfg, cfg.selection, cfg.keep_top),
              LocalizeUnit(q, acfg, cfg.selection, cfg.keep_top, cfg.internal_batch_size,
                           cfg.memory_budget_gb, map_key(model, q, acfg)),
              f"{acfg.method} {q.relation} {q.prompt[-30:]}",
