@@ -6,10 +6,12 @@ Errors a user can cause are printed as one line (no traceback) with a non-zero e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import math
 import re
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -107,11 +109,17 @@ def _add_executor_args(p: argparse.ArgumentParser) -> None:
 
 
 def _executor(args) -> Any:
+    """The executor of ``--executor``; one that holds workers (``close``) is closed when the
+    command ends, normally, on an error or on Ctrl-C."""
     from .pipeline.distributed import make_executor
 
-    return make_executor(args.executor, address=args.ray_address, workers=args.workers,
-                         gpus_per_worker=args.gpus_per_worker,
-                         threads_per_worker=args.threads_per_worker)
+    executor = make_executor(args.executor, address=args.ray_address, workers=args.workers,
+                             gpus_per_worker=args.gpus_per_worker,
+                             threads_per_worker=args.threads_per_worker)
+    close = getattr(executor, "close", None)
+    if close is not None:
+        args.resources.callback(close)
+    return executor
 
 
 def _add_run_model_args(p: argparse.ArgumentParser) -> None:
@@ -121,6 +129,13 @@ def _add_run_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=None, choices=DTYPES, help="(default: the run's)")
     p.add_argument("--allow-partial", action="store_true",
                    help="use the finished units of an unfinished run (default: refuse)")
+
+
+def _add_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None,
+                   help="a run's config.yaml (or a file in its schema): its values become the "
+                        "defaults; options given on the command line override them "
+                        "(default: none)")
 
 
 def _add_parser(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
@@ -136,9 +151,15 @@ def _localize_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="a single cloze prompt (with --answer)")
     p.add_argument("--answer", help="the gold answer of --prompt")
     p.add_argument("--top", type=int, default=15, help="rows of the neuron table to print")
-    p.add_argument("--out", type=Path, help="run directory (dataset mode)")
+    p.add_argument("--json", action="store_true",
+                   help="with --prompt: print one JSON object (prompt, answer, target tokens, P, "
+                        "known, predicted, method, n_steps, neurons) and nothing else on stdout")
+    p.add_argument("--out", type=Path,
+                   help="run directory (dataset mode); with --prompt: a directory for the "
+                        "attribution map(s), the knowledge neurons (CSV) and summary.json")
     p.add_argument("--overwrite", action="store_true",
                    help="reuse --out even if it was made with another configuration")
+    _add_config_arg(p)
     return p
 
 
@@ -195,6 +216,8 @@ def _reproduce_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--overwrite", action="store_true",
                    help="reuse --out even if it was made with another configuration")
+    _add_config_arg(p)
+    p.set_defaults(preset_fields={})  # the preset's values a --config file sets, no option has
     return p
 
 
@@ -232,6 +255,7 @@ def _modify_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="draws of texts and unrelated facts")
     _add_run_model_args(p)
     _add_executor_args(p)
+    _add_config_arg(p)
     return p
 
 
@@ -249,6 +273,7 @@ def _intervene_parser(sub: Any) -> argparse.ArgumentParser:
                    help="also queries the model does not answer correctly (default: known only)")
     _add_run_model_args(p)
     _add_executor_args(p)
+    _add_config_arg(p)
     return p
 
 
@@ -272,6 +297,7 @@ def _attention_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="draw of the unrelated queries")
     _add_run_model_args(p)
     _add_executor_args(p)
+    _add_config_arg(p)
     return p
 
 
@@ -349,16 +375,49 @@ def build_parser() -> argparse.ArgumentParser:
     return _build_parsers()[0]
 
 
+class _StderrFilter(logging.Filter):
+    """Records at ``level`` or above, and the stages' summary lines (``extra={"summary":
+    True}``, see :func:`knowloc.pipeline.units.run_units`) whatever the level; never the
+    lines meant for the log file only (``extra={"log_only": True}``)."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "log_only", False):
+            return False
+        return record.levelno >= self.level or bool(getattr(record, "summary", False))
+
+
+class _StderrFormatter(logging.Formatter):
+    """Summary lines as they are; everything else as ``LEVEL logger: message``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if getattr(record, "summary", False) and record.levelno < logging.WARNING:
+            return record.getMessage()
+        return super().format(record)
+
+
+class _LogFileFilter(logging.Filter):
+    """knowloc's own records from INFO up, other libraries' warnings and errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name.split(".")[0] == "knowloc"
+
+
 def _setup_logging(verbose: int) -> list[logging.Handler]:
-    """One stderr handler on the root logger, library warnings routed through logging
-    (``logging.captureWarnings``); returns the handlers added, removed again by ``main``."""
+    """One stderr handler on the root logger (the stages' summary lines at any verbosity),
+    library warnings routed through logging (``logging.captureWarnings``); returns the
+    handlers added, removed again by ``main``."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    handler.setLevel(level)
+    handler.setFormatter(_StderrFormatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_StderrFilter(level))
     root = logging.getLogger()
     root.addHandler(handler)
-    root.setLevel(min(level, root.level) if root.level else level)
+    wanted = min(level, logging.INFO)  # summary lines and the log file are INFO
+    root.setLevel(min(wanted, root.level) if root.level else wanted)
     logging.captureWarnings(True)
     try:
         from transformers.utils import logging as hf_logging
@@ -368,6 +427,243 @@ def _setup_logging(verbose: int) -> list[logging.Handler]:
     except Exception as exc:  # noqa: BLE001 - quieting transformers is best effort
         log.debug("could not quiet transformers logging: %s", exc)
     return [handler]
+
+
+#: The log of every command run on a run directory, appended per invocation.
+LOG_FILE = "knowloc.log"
+
+
+class _RunLogHandler(logging.Handler):
+    """Appends to ``path``; records that come before its directory exists are held and
+    written once it does (a command that fails before it makes the run directory leaves
+    nothing behind)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(logging.INFO)
+        self.path = path
+        self.held: list[logging.LogRecord] = []
+        self.file: logging.FileHandler | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.file is None:
+            if not self.path.parent.is_dir():
+                self.held.append(record)
+                return
+            self.file = logging.FileHandler(self.path, encoding="utf-8")
+            self.file.setFormatter(self.formatter)
+            for held in self.held:
+                self.file.emit(held)
+            self.held = []
+        self.file.emit(record)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        super().close()
+
+
+def _open_run_log(args, run_dir: Path) -> None:
+    """Append this invocation to ``run_dir/knowloc.log``: the command line, the time,
+    knowloc's version and commit, torch/transformers versions and the model, then every
+    knowloc log line from INFO up (the stages' summary lines among them), every warning,
+    and the end. Once per invocation."""
+    from .store import environment_info
+
+    if args.log_file is not None:
+        return
+    handler = _RunLogHandler(run_dir.expanduser() / LOG_FILE)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_LogFileFilter())
+    logging.getLogger().addHandler(handler)
+    args.log_file = handler
+    env = environment_info(probe_devices=False)
+    v = env["knowloc"]
+    only = {"log_only": True}
+    log.info("---- %s started %s", args.command, env["time"], extra=only)
+    log.info("command: %s", shlex.join(str(a) for a in args.argv), extra=only)
+    log.info("knowloc %s%s, torch %s, transformers %s, python %s on %s", v["version"],
+             f" ({v['commit']})" if v["commit"] else "", env["packages"]["torch"],
+             env["packages"]["transformers"], env["python"], env["hostname"], extra=only)
+    if getattr(args, "model", None):
+        log.info("model: %s (device %s, dtype %s)", args.model, args.device, args.dtype,
+                 extra=only)
+
+
+def _close_run_log(args, status: int, seconds: float) -> None:
+    handler = args.log_file
+    if handler is None:
+        return
+    from datetime import datetime, timezone
+
+    end = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    log.info("---- %s ended %s: exit status %d after %.1f s", args.command, end, status, seconds,
+             extra={"log_only": True})
+    logging.getLogger().removeHandler(handler)
+    handler.close()
+    args.log_file = None
+
+
+#: The sections (or ``section.key``) of a run's ``config.yaml`` each command reads.
+CONFIG_SECTIONS: dict[str, tuple[str, ...]] = {
+    "localize": ("model", "dataset", "localize", "seed"),
+    "reproduce": ("model", "preset", "seed", "modify.ppl_text"),
+    "modify": ("model", "modify"),
+    "intervene": ("model", "intervene"),
+    "attention": ("model", "attention"),
+}
+#: ``section.key`` -> option dest where the names differ; ``!dest``: a flag that negates it.
+_CONFIG_DESTS = {
+    "model.name": "model", "dataset.source": "dataset", "preset.name": "preset",
+    "localize.methods": "method", "preset.methods": "method", "modify.methods": "method",
+    "intervene.methods": "method", "attention.methods": "method",
+    "modify.ops": "op", "modify.sets": "edit_set",
+    "intervene.only_known": "!all_queries", "attention.only_known": "!all_queries",
+    "preset.modify": "!no_modify", "preset.attention": "!no_attention",
+}
+#: What a run records for the reader (sizes, results, the fingerprint): read by no command.
+_CONFIG_RECORDED = {"fingerprint", "dataset.n_facts", "dataset.n_queries",
+                    "dataset.n_facts_loaded", "dataset.n_queries_loaded", "dataset.skipped",
+                    "preset.description", "modify.ppl"}
+
+
+def _config_schema() -> dict[str, dict[str, Any] | None]:
+    """Section -> its keys with their defaults (None for a top-level value): the schema
+    ``knowloc localize`` and ``knowloc reproduce`` write ``config.yaml`` in."""
+    from dataclasses import fields
+
+    from .pipeline.attention import AttentionConfig
+    from .pipeline.localize import LocalizeConfig
+    from .pipeline.mapping import MappingConfig
+    from .pipeline.modify import ModifyConfig
+    from .reproduce import Preset
+
+    return {
+        "fingerprint": None, "seed": None,
+        "model": dict.fromkeys(("name", "device", "dtype")),
+        "dataset": dict.fromkeys(("source", "relations", "facts_per_relation",
+                                  "max_queries_per_fact", "context", "n_facts", "n_queries",
+                                  "n_facts_loaded", "n_queries_loaded", "skipped")),
+        "localize": LocalizeConfig().as_dict(),
+        "preset": {f.name: None for f in fields(Preset)},
+        "modify": {**ModifyConfig().as_dict(), "ppl": None, "ppl_text": None},
+        "intervene": MappingConfig().as_dict(),
+        "attention": AttentionConfig().as_dict(),
+    }
+
+
+def _read_config_file(path: Path) -> dict:
+    import yaml
+
+    path = path.expanduser()
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {path} is not valid YAML ({_one_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path} does not hold a mapping of sections")
+    return data
+
+
+def config_defaults(command: str, path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The option defaults the config file ``path`` sets for ``command`` (dest -> value).
+
+    The file has the schema of a run's ``config.yaml``; a key outside it is a
+    :class:`ConfigError` naming it, as is a value of the wrong type, and a value that only
+    Python can set (no option has it) unless it is that setting's default. Sections the
+    command does not use are ignored.
+    """
+    if command not in CONFIG_SECTIONS:
+        raise ConfigError(f"knowloc {command} takes no --config")
+    data = _read_config_file(path)
+    schema = _config_schema()
+    values: dict[str, tuple[str, Any]] = {}  # section.key -> (section, value)
+    for section, content in data.items():
+        if section not in schema:
+            raise ConfigError(f"--config {path}: unknown key {section!r} (known: "
+                              f"{', '.join(schema)})")
+        keys = schema[section]
+        if keys is None:
+            values[section] = (section, content)
+            continue
+        if not isinstance(content, dict):
+            raise ConfigError(f"--config {path}: {section} must be a mapping of keys")
+        for key, value in content.items():
+            if key not in keys:
+                raise ConfigError(f"--config {path}: unknown key '{section}.{key}' (known in "
+                                  f"{section}: {', '.join(keys)})")
+            values[f"{section}.{key}"] = (section, value)
+    actions = {a.dest: a for a in parser._actions}
+    wanted = CONFIG_SECTIONS[command]
+    out: dict[str, Any] = {}
+    for name, (section, value) in values.items():
+        if name in _CONFIG_RECORDED or (section not in wanted and name not in wanted):
+            continue
+        key = name.split(".", 1)[-1]
+        if name in ("localize.selection", "preset.selection"):
+            if not (isinstance(value, dict) and set(value) == {"mode", "value"}):
+                raise ConfigError(f"--config {path}: {name} must hold mode and value")
+            if section == "preset":
+                out.setdefault("preset_fields", {})[key] = value
+            else:
+                out.update(_config_option(actions["selection"], name, value["mode"], path),
+                           threshold=_config_option(actions["threshold"], name,
+                                                    value["value"], path)["threshold"])
+            continue
+        if key == "ppl_text":
+            from .evaluation import BUILTIN_CORPUS
+
+            out["ppl_text"] = None if value in (None, BUILTIN_CORPUS) else Path(str(value))
+            continue
+        dest = _CONFIG_DESTS.get(name, key)
+        if dest.startswith("!"):
+            if not isinstance(value, bool):
+                raise ConfigError(f"--config {path}: {name} must be true or false")
+            out[dest[1:]] = not value
+        elif dest in actions:
+            out.update(_config_option(actions[dest], name, value, path))
+        elif section == "preset":
+            out.setdefault("preset_fields", {})[key] = value
+        else:
+            default = (schema[section] or {}).get(key)
+            if value != default:
+                raise ConfigError(f"--config {path}: {name} = {value!r} has no command-line "
+                                  f"option; knowloc {command} uses {default!r} (set it from "
+                                  "Python)")
+    return out
+
+
+def _config_option(action: argparse.Action, name: str, value: Any, path: Path) -> dict[str, Any]:
+    """``{dest: value}`` for one config value, checked like the option's own value."""
+    if value is None:
+        return {action.dest: None}
+    bad = ConfigError(f"--config {path}: {name} = {value!r} is not a valid "
+                      f"{'/'.join(action.option_strings)} value")
+    if action.nargs == 0:  # a flag
+        if not isinstance(value, bool):
+            raise bad
+    elif action.type is _csv:
+        if isinstance(value, str):
+            value = _csv(value)
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = list(value)
+        else:
+            raise bad
+    elif action.type in (int, float):
+        kinds = (int,) if action.type is int else (int, float)
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise bad
+        value = action.type(value)
+    elif action.type is Path:
+        value = Path(str(value))
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # --split-threshold: a number or 'otsu'
+    elif not isinstance(value, str):
+        raise bad
+    if action.choices is not None and value not in action.choices:
+        raise bad
+    return {action.dest: value}
 
 
 def _say(msg: str) -> None:
@@ -465,8 +761,10 @@ def _load(args) -> Any:
                               "float16's range (65504) and become inf/nan; use --dtype "
                               "bfloat16 (float32's range) or float32")
         model.self_check()
-    _say(f"loaded {args.model} ({model.adapter.name}, {model.n_layers} layers x {model.d_mlp} "
-         f"neurons) in {time.time() - t:.1f} s")
+    loaded = (f"loaded {args.model} ({model.adapter.name}, {model.n_layers} layers x "
+              f"{model.d_mlp} neurons) in {time.time() - t:.1f} s")
+    _say(loaded)
+    log.info("%s", loaded, extra={"log_only": True})
     return model
 
 
@@ -511,16 +809,30 @@ def cmd_localize(args) -> int:
         return _localize_one(args, selection)
     if args.out is None:
         raise ConfigError("dataset mode needs --out RUN_DIR (or give --prompt and --answer)")
+    if args.json:
+        raise ConfigError("--json prints the result of one query: give --prompt and --answer")
     _check_writable(args.out)
+    _open_run_log(args, args.out)
     return _localize_dataset(args, selection)
 
 
 def _localize_one(args, selection) -> int:
+    """One prompt: the table on stdout, or one JSON object (``--json``); with ``--out`` the
+    attribution map (:meth:`~knowloc.attribution.Attribution.save`), the knowledge neurons
+    (CSV) and ``summary.json`` per method."""
+    import json
+
     from .attribution import Attribution, attribute
     from .neurons import neurons_frame
     from .report.figures import method_label
 
+    if args.json and len(args.method) != 1:
+        raise ConfigError(f"--json prints the result of one method; give one --method "
+                          f"(got {','.join(args.method)})")
+    if args.out is not None:
+        _check_writable(args.out)
     model = _load(args)
+    summary: dict[str, Any] = {}
     for method in args.method:
         t = time.time()
         attr = attribute(model, (args.prompt, args.answer), method, n_steps=args.n_steps,
@@ -531,6 +843,27 @@ def _localize_one(args, selection) -> int:
         assert isinstance(attr, Attribution)  # one query in, one Attribution out
         kn = neurons_frame(attr, selection)
         answer_tok = model.tokenizer.decode(attr.target_ids)
+        summary = summary or {
+            "prompt": args.prompt, "answer": args.answer, "target_tokens": answer_tok,
+            "target_ids": list(attr.target_ids), "P": attr.prob, "known": bool(attr.top1),
+            "predicted": attr.predicted, "n_steps": args.n_steps, "target": args.target,
+            "selection": selection.as_dict(), "model": args.model, "methods": {},
+        }
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            attr.save(args.out / f"attribution_{method}.pt")
+            kn.to_csv(args.out / f"neurons_{method}.csv", index=False)
+            summary["methods"][method] = {
+                "n_neurons": len(kn), "seconds": round(dt, 3),
+                "attribution": f"attribution_{method}.pt", "neurons": f"neurons_{method}.csv"}
+        if args.json:
+            print(json.dumps({
+                "prompt": args.prompt, "answer": args.answer, "target_tokens": answer_tok,
+                "P": attr.prob, "known": bool(attr.top1), "predicted": attr.predicted,
+                "method": method, "n_steps": args.n_steps,
+                "neurons": [[int(r.layer), int(r.neuron), float(r.attribution)]
+                            for r in kn.itertuples()]}, ensure_ascii=False))
+            continue
         print(f"\n{method_label(method)}  {args.prompt!r} -> {answer_tok!r}")
         print(f"  P(answer) = {attr.prob:.4f}   top-1 = {attr.predicted!r} "
               f"({'correct' if attr.top1 else 'not the answer'})   {dt:.1f} s")
@@ -540,6 +873,10 @@ def _localize_one(args, selection) -> int:
             print(f"  {r.layer:>5} {r.neuron:>7} {r.attribution:>12.4g} {r.activation:>11.4g}")
         if len(kn) > args.top:
             print(f"  ... {len(kn) - args.top} more")
+    if args.out is not None:
+        (args.out / "summary.json").write_text(
+            json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        _say(f"wrote the attribution map(s), knowledge neurons and summary.json to {args.out}")
     return 0
 
 
@@ -597,10 +934,13 @@ def cmd_consistency(args) -> int:
     if args.localize:
         args.out = args.run
         _check_methods(args.method, n_steps=args.n_steps, sig_mode=args.sig_mode)
-        _localize_dataset(args, _selection(args))
+        selection = _selection(args)
+        _open_run_log(args, args.run)
+        _localize_dataset(args, selection)
     if not (args.run / "config.yaml").exists():
         raise ConfigError(f"{args.run} is not a knowloc run directory (no config.yaml); "
                           "run `knowloc localize --dataset ... --out RUN` first")
+    _open_run_log(args, args.run)
     store = RunStore(args.run, create=False)
     shown = present_consistency(store, consistency(store, population=args.population,
                                                    static_threshold=args.static_threshold,
@@ -618,6 +958,7 @@ def _open_run_for_editing(args) -> tuple[Any, dict]:
 
     store = RunStore(args.run, create=False)
     config = store.read_config()
+    _open_run_log(args, args.run)
     if store.table("consistency").empty:
         raise RunError(f"run {store.root} has no consistency results; run "
                        f"`knowloc consistency --run {args.run}` first")
@@ -743,6 +1084,7 @@ def cmd_heatmap(args) -> int:
     from .attribution import attribute
     from .neurons import Selection, knowledge_neurons
     from .pipeline.attention import heatmap_table
+    from .pipeline.units import short_label
     from .report.figures import heatmap_figures, method_label
 
     prompts, answers = list(args.prompt), list(args.answer)
@@ -768,7 +1110,7 @@ def cmd_heatmap(args) -> int:
                              progress=False)
             kn = sorted(knowledge_neurons(attr, args.threshold).neurons)
         neurons.append(kn)
-        labels.append(f"q{i + 1}: {prompt[-40:]} → {answer}")
+        labels.append(f"q{i + 1}: {short_label(prompt, 40)} → {answer}")
         _say(f"q{i + 1}: P({answer!r}) = {p:.4f}"
              + (f", {len(kn)} knowledge neuron(s) ({method_label(args.method)})"
                 if args.method != "none" else ""))
@@ -781,10 +1123,10 @@ def cmd_heatmap(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from .reproduce import reproduce, resolve_preset
+    from .reproduce import preset_values, reproduce, resolve_preset
 
     preset = resolve_preset(
-        args.preset, dataset=args.dataset,
+        args.preset, dataset=args.dataset, **preset_values(args.preset_fields),
         relations=tuple(args.relations) if args.relations else None,
         known_per_relation=args.known_per_relation,
         max_queries_per_fact=args.max_queries_per_fact,
@@ -795,6 +1137,7 @@ def cmd_reproduce(args) -> int:
     )
     _check_methods(preset.methods, n_steps=preset.n_steps)
     _check_writable(args.out)
+    _open_run_log(args, args.out)
     reproduce(args.out, model=args.model, preset=preset, device=args.device,
               dtype=args.dtype, seed=args.seed, overwrite=args.overwrite,
               progress=not args.quiet, ppl_text=args.ppl_text, executor=_executor(args),
@@ -854,29 +1197,49 @@ _ENV_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUO
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser, subparsers = _build_parsers()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    # the command line as a user reruns it (recorded in env.json, quoted in 'finish it with')
-    args.argv = ["knowloc", *(sys.argv[1:] if argv is None else argv)]
-    handlers = _setup_logging(args.verbose)
-    try:
-        _check_options(args)
-        return COMMANDS[args.command](args)
-    except KnowlocError as exc:
-        print(f"knowloc: error: {_one_line(exc)}", file=sys.stderr)
-        return exc.exit_code
-    except OSError as exc:
-        if exc.errno not in _ENV_ERRNOS:
-            raise
-        print(f"knowloc: error: {exc.strerror}: {exc.filename}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("knowloc: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    finally:
-        logging.captureWarnings(False)
-        for handler in handlers:
-            logging.getLogger().removeHandler(handler)
+    t0 = time.time()
+    status = 2
+    with contextlib.ExitStack() as resources:
+        handlers = _setup_logging(args.verbose)
+        try:
+            if getattr(args, "config", None) is not None:
+                sub = subparsers[args.command]
+                sub.set_defaults(**config_defaults(args.command, args.config, sub))
+                args = parser.parse_args(argv)
+            # the command line as a user reruns it (env.json, knowloc.log, 'finish it with')
+            args.argv = ["knowloc", *argv]
+            args.resources = resources  # closed when the command ends (executors)
+            args.log_file = None
+            _check_options(args)
+            status = COMMANDS[args.command](args)
+        except KnowlocError as exc:
+            status = exc.exit_code
+            _error(f"knowloc: error: {_one_line(exc)}")
+        except OSError as exc:
+            if exc.errno not in _ENV_ERRNOS:
+                raise
+            status = 2
+            _error(f"knowloc: error: {exc.strerror}: {exc.filename}")
+        except KeyboardInterrupt:
+            status = 130
+            _error("knowloc: interrupted; rerun the same command to resume")
+        finally:
+            resources.close()  # executors first: their shutdown is logged too
+            if getattr(args, "log_file", None) is not None:
+                _close_run_log(args, status, time.time() - t0)
+            logging.captureWarnings(False)
+            for handler in handlers:
+                logging.getLogger().removeHandler(handler)
+    return status
+
+
+def _error(line: str) -> None:
+    """The one line of an error on stderr, and in the run's log file when there is one."""
+    print(line, file=sys.stderr)
+    log.info("%s", line, extra={"log_only": True})
 
 
 if __name__ == "__main__":
