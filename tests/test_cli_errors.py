@@ -212,7 +212,7 @@ def test_help_shows_every_default(command, capsys):
     helps = _option_help(capsys.readouterr().out)
     flags = {"-h", "--overwrite", "--localize", "--no-modify", "--no-attention",
              "--all-queries", "--no-heatmaps", "-v", "-q", "--prompt", "--answer", "--run",
-             "--out"}
+             "--out", "--json"}
     for option, text in helps.items():
         if option in flags and "default" not in text:
             continue

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -102,6 +102,22 @@ def resolve_preset(name: str, dataset: str | None = None, **overrides: Any) -> P
         )
     overrides = {k: v for k, v in overrides.items() if v is not None}
     return replace(preset, **overrides)
+
+
+def preset_values(values: dict[str, Any]) -> dict[str, Any]:
+    """Preset fields as a run's ``config.yaml`` records them (lists, the selection as a
+    mapping) -> the values :func:`resolve_preset` takes as overrides."""
+    known = {f.name for f in fields(Preset)}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"unknown preset field {key!r}; known: {', '.join(sorted(known))}")
+        if key == "selection" and isinstance(value, dict):
+            value = Selection(**value).validate()
+        elif isinstance(value, list):
+            value = tuple(value)
+        out[key] = value
+    return out
 
 
 @contextmanager

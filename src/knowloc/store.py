@@ -655,14 +655,45 @@ class RunStore:
 
     # ---------------------------------------------------------------- SQL
     def query(self, sql: str) -> pd.DataFrame:
-        """Run DuckDB SQL in which every table of the run is a view of the same name.
+        """Run one read-only DuckDB statement in which every table of the run is a view of
+        the same name.
 
         A table is read from its current parts (the source of truth) when it has any, otherwise
         from its consolidated ``<table>.parquet``. Tables whose units are all empty
-        (no columns) have no view.
+        (no columns) have no view. Only queries run: ``SELECT`` (with ``WITH``, ``DESCRIBE``,
+        ``SHOW``, ``SUMMARIZE``, ``FROM ...``) and ``EXPLAIN`` of one; anything else
+        (``COPY``, ``ATTACH``, ``CREATE``, ``INSERT``, ``SET``, ``INSTALL`` ...) is a
+        :class:`RunError`. Once the views exist the connection reads no file outside the
+        run directory and its configuration is locked.
         """
         import duckdb
 
+        def refused(statement: Any) -> str | None:
+            """The type of a statement that is not a query (None: a query). ``EXPLAIN`` is a
+            query when what it explains is one (``EXPLAIN ANALYZE`` runs it)."""
+            if statement.type == duckdb.StatementType.SELECT:
+                return None
+            if statement.type != duckdb.StatementType.EXPLAIN:
+                return str(statement.type.name)
+            inner = re.fullmatch(r"\s*explain\s+(?:analy[sz]e\s+)?(.*)", statement.query,
+                                 flags=re.IGNORECASE | re.DOTALL)
+            try:
+                explained = duckdb.extract_statements(inner.group(1)) if inner else []
+            except duckdb.Error:
+                explained = []
+            ok = len(explained) == 1 and refused(explained[0]) is None
+            return None if ok else "EXPLAIN"
+
+        try:
+            statements = duckdb.extract_statements(sql)
+        except duckdb.Error as exc:
+            raise RunError(f"query failed: {exc}") from exc
+        if len(statements) != 1:
+            raise RunError(f"knowloc query runs one SQL statement (got {len(statements)})")
+        kind = refused(statements[0])
+        if kind:
+            raise RunError(f"knowloc query is read-only: {kind} statements are refused "
+                           "(use SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE or EXPLAIN)")
         con = duckdb.connect(database=":memory:")
         try:
             views: list[str] = []
@@ -682,6 +713,10 @@ class RunStore:
                 else:
                     continue
                 views.append(name)
+            roots = dict.fromkeys(f"{r}{os.sep}" for r in (self.root.absolute(), self.root.resolve()))
+            con.execute(f"SET allowed_directories = [{', '.join(map(_sql_str, roots))}]")
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
             try:
                 return con.execute(sql).fetchdf()
             except duckdb.Error as exc:

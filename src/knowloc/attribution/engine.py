@@ -448,7 +448,7 @@ def attribute(
         for q in prepared:
             bs = internal_batch_size or auto_batch_size(model, len(q.ids), memory_budget_gb,
                                                         len(q.target_ids))
-            bar.set_postfix_str(q.prompt[-40:])
+            bar.set_postfix_str(q.prompt if len(q.prompt) <= 40 else q.prompt[:39] + "…")
             results.append(_attribute_one(model, q, cfg, spec, bs, rows, bar))
     finally:
         bar.close()

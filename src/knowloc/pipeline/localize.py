@@ -35,7 +35,7 @@ from ..models.forward import answer_scores
 from ..neurons import Selection, neurons_frame
 from ..store import RunStore, content_hash
 from .run import MAPS, map_frame, model_fingerprint, read_map, with_ident
-from .units import Compute, Executor, LocalExecutor, Tables, Unit, run_units
+from .units import Compute, Executor, LocalExecutor, Tables, Unit, run_units, short_label
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +360,7 @@ def localize(
         Unit(unit_key(model, q, acfg, cfg.selection, cfg.keep_top),
              LocalizeUnit(q, acfg, cfg.selection, cfg.keep_top, cfg.internal_batch_size,
                           cfg.memory_budget_gb, map_key(model, q, acfg)),
-             f"{acfg.method} {q.relation} {q.prompt[-30:]}",
+             f"{acfg.method} {q.relation} {short_label(q.prompt, 30)}",
              {"method": acfg.method, "relation": q.relation, "fact_id": q.fact_id,
               "query_id": q.query_id})
         for acfg in cfg.attribution_configs() for q in facts.queries()

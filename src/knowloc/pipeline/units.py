@@ -14,7 +14,9 @@ that returns the unit's tables (``{table name: DataFrame}``). The runner owns:
 * exclusion: the run directory's lock is held while computing (a second process gets
   :class:`~knowloc.errors.RunBusyError`), and the torch thread count is checked against the
   run's (:meth:`~knowloc.store.RunStore.check_threads`);
-* progress: one tqdm bar, the running unit's label in its postfix;
+* progress: one tqdm bar, the running unit's label in its postfix, and one summary line
+  per call (``localizing: 24 querys ...`` logged at INFO with ``extra={"summary": True}``,
+  which the command line prints even with ``-q``);
 * writing: every table the compute returns becomes ``parts/<table>/<key>.parquet``, the
   marker table last (a unit is done only once all its tables are written);
 * consolidation: ``<table>.parquet`` per table named in ``consolidate``, deterministically
@@ -126,8 +128,8 @@ def run_units(
         todo = [k for k in groups if k not in done or not _holds(store, marker, groups[k])]
         n_done = len(units) - sum(len(groups[k]) for k in todo)
         if n_done and todo:
-            log.info("%s: %d of %d %ss already done; resuming", desc, n_done, len(units),
-                     unit_name)
+            log.info("%s: %d of %d %s already done; resuming", desc, n_done, len(units),
+                     plural(unit_name))
         if todo:
             if model is not None:
                 store.check_threads(torch.get_num_threads())
@@ -136,7 +138,27 @@ def run_units(
         for table, sort in (consolidate or {}).items():
             if store.done_keys(table):
                 store.consolidate(table, sort_by=list(sort) if sort else None)
-    return UnitStats(len(units) - n_done, n_done, time.time() - t0)
+    stats = UnitStats(len(units) - n_done, n_done, time.time() - t0)
+    log.info("%s", summary_line(desc, unit_name, stats, len(units)), extra={"summary": True})
+    return stats
+
+
+def summary_line(desc: str, unit_name: str, stats: UnitStats, n_units: int) -> str:
+    """``localizing: 24 queries, 20 computed, 4 already done, 31.2 s``."""
+    noun = unit_name if n_units == 1 else plural(unit_name)
+    return (f"{desc}: {n_units} {noun}, {stats.computed} computed, {stats.skipped_done} "
+            f"already done, {stats.seconds:.1f} s")
+
+
+def plural(noun: str) -> str:
+    """``query`` -> ``queries``, ``fact`` -> ``facts``."""
+    return noun[:-1] + "ies" if noun.endswith("y") and noun[-2:-1] not in "aeiou" else noun + "s"
+
+
+def short_label(text: str, width: int) -> str:
+    """The start of ``text`` in at most ``width`` characters, cut on the right with "…"."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1].rstrip() + "…"
 
 
 def _holds(store: RunStore, marker: str, group: Sequence[Unit]) -> bool:
