@@ -20,6 +20,7 @@ from knowloc.interventions.attention import (
     synapse_effect,
 )
 from knowloc.interventions.weights import Edit
+from knowloc.models.compat import cache_kwargs, output_cache
 from knowloc.pipeline.localize import ScreenUnit, screen_fact, screen_key
 from knowloc.pipeline.mapping import MappingUnit, intervene_fact, neighbor_sets
 from knowloc.pipeline.modify import EditUnit, PPLSpec, edit_fact, new_object
@@ -135,7 +136,7 @@ def test_synapse_effect_scales_the_prompt_rows_only(tiny):
                 with scale_attention(tiny, syn, factor):
                     out = tiny.hf(input_ids=torch.tensor([ids]), use_cache=True)
                 rest = tiny.hf(input_ids=torch.tensor([target[:-1]]),
-                               past_key_values=out.past_key_values, use_cache=True).logits[0]
+                               **cache_kwargs(output_cache(out)), use_cache=True).logits[0]
             logits = torch.cat([out.logits[0, -1:], rest]).double()
             return float(torch.stack([logits[i].softmax(-1)[t]
                                       for i, t in enumerate(target)]).prod())
