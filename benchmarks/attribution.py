@@ -158,7 +158,7 @@ def loop_attribute(model: Any, prompt: str, answer: str, n_steps: int, tuned: bo
     import torch
 
     ids = torch.tensor([model.encode_prompt(prompt)], device=model.device)
-    target = model.target_id(prompt, answer)
+    target = model.answer_ids(prompt, answer)[0]
     work = torch.promote_types(model.dtype, torch.float32)  # float32, or float64 for a check
     acts = model.activations(ids[0]).to(work)  # [L, D], one no-grad forward
     batch = ids.repeat(n_steps, 1)  # the prompt repeated once per integration step
@@ -246,7 +246,7 @@ def knowledge_neurons_runner(
     sys.path.insert(0, str(kn_site))
     from knowledge_neurons import KnowledgeNeurons  # type: ignore[import-not-found]
 
-    target_id = model.target_id(prompt, answer)
+    target_id = model.answer_ids(prompt, answer)[0]
 
     class PatchedKnowledgeNeurons(KnowledgeNeurons):  # type: ignore[misc]
         def _prepare_inputs(self, prompt: str, target: Any = None, encoded_input: Any = None):

@@ -61,7 +61,7 @@ def main() -> None:
     for f in facts:
         if f.relation in rels and len(edited) < args.facts:
             probs = model.next_token_probs([q.prompt for q in f.queries])
-            known = [int(p.argmax()) == model.target_id(q.prompt, q.answer)
+            known = [int(p.argmax()) == model.target_ids(q.prompt, q.answer)[0]
                      for q, p in zip(f.queries, probs)]
             if any(known):
                 edited.append(f)
@@ -77,15 +77,16 @@ def main() -> None:
     digest = weights_digest(model)
     per_fact = []
     for k, f in enumerate(edited):
-        new = next(o.object for o in others if model.target_id(f.queries[0].prompt, o.object)
-                   != model.target_id(f.queries[0].prompt, f.object))
+        new = next(o.object for o in others if model.target_ids(f.queries[0].prompt, o.object)
+                   != model.target_ids(f.queries[0].prompt, f.object))
         qs = [EvalQuery(q.query_id, tuple(model.encode_prompt(q.prompt)),
-                        model.target_id(q.prompt, q.answer), model.target_id(q.prompt, new))
+                        tuple(model.target_ids(q.prompt, q.answer)),
+                        tuple(model.target_ids(q.prompt, new)))
               for q in f.queries]
         t0 = time.time()
         n_edits = 0
-        baseline.ensure(model, [(q.prompt_ids, [q.target_id, q.new_target_id]) for q in qs])
-        known = [q for q in qs if baseline.top1[q.prompt_ids] == q.target_id]
+        before = baseline.observe(model, qs, loc)
+        known = [q for q in qs if before.hit[(q.query_id, q.target_ids)]]
         for op in args.ops.split(","):
             for s in args.sets.split(","):
                 groups = ([(kns[q.query_id], [q]) for q in known] if s == "local" else
@@ -94,7 +95,8 @@ def main() -> None:
                     if not rel:
                         continue
                     e = (Edit.erase(neurons) if op == "erase" else
-                         Edit.update(neurons, rel[0].target_id, rel[0].new_target_id))
+                         Edit.update(neurons, rel[0].target_ids,
+                                     rel[0].new_target_ids))  # type: ignore[arg-type]
                     evaluate_edit(model, e, fact_queries=qs, rel_ids=[q.query_id for q in rel],
                                   locality=loc, baseline=baseline, ppl=ppl,
                                   ppl_key=f"{f.fact_id}:{op}:{s}:{rel[0].query_id}")

@@ -483,7 +483,7 @@ def test_synapse_effect(models, arch):
     assert same.delta_value == 0 and same.delta_prob == 0 and same.n_synapses == len(syn)
     eff = synapse_effect(m, PROMPT, "portuguese", syn, 0.0, kns)
     acts = m.activations(m.encode_prompt(PROMPT))
-    p = float(m.next_token_probs([PROMPT])[0, m.target_id(PROMPT, "portuguese")])
+    p = float(m.next_token_probs([PROMPT])[0, m.answer_ids(PROMPT, "portuguese")[0]])
     assert eff.value_before == pytest.approx(mean_activation(acts, kns), rel=1e-5, abs=1e-6)
     assert eff.prob_before == pytest.approx(p, rel=1e-5)
     assert eff.delta_prob == pytest.approx(-(eff.prob_after - eff.prob_before) / eff.prob_before)
@@ -541,7 +541,7 @@ def gemma_known(gemma):
         if f.relation in seen:
             continue
         q = f.queries[0]
-        if int(gemma.next_token_probs([q.prompt])[0].argmax()) == gemma.target_id(q.prompt, q.answer):
+        if int(gemma.next_token_probs([q.prompt])[0].argmax()) == gemma.answer_ids(q.prompt, q.answer)[0]:
             facts.append(f)
             seen.add(f.relation)
         if len(facts) == REAL_FACTS:

@@ -144,7 +144,7 @@ def test_probability_and_prediction_match_a_plain_forward(tiny):
 
 def _prob_with_layer_zeroed(model, layer):
     ids = torch.tensor([model.encode_prompt(PROMPT)])
-    target = model.target_id(PROMPT, ANSWER)
+    target = model.target_ids(PROMPT, ANSWER)[0]
 
     def zero(l, h):
         h = h.clone()
@@ -200,7 +200,7 @@ def test_captum_integrated_gradients_oracle(method):
 
     ids = model.encode_prompt(PROMPT)
     base = reference_baselines(model, ids, method)[0]
-    target = model.target_id(PROMPT, ANSWER)
+    target = model.target_ids(PROMPT, ANSWER)[0]
     x_ids = torch.tensor([ids])
     raw = torch.zeros(model.n_layers, model.d_mlp)
     for layer in range(model.n_layers):

@@ -128,16 +128,16 @@ def test_enhancement_scales_only_the_last_position():
 def test_batched_intervention_probs_match_one_at_a_time():
     m = tiny_model("gemma3")
     ids = m.encode_prompt(PROMPT)
-    target = m.target_id(PROMPT, "portuguese")
+    target = m.answer_ids(PROMPT, "portuguese")[0]
     variants = [(_neurons(m, 5, seed=s), scale) for s, scale in ((0, 0.0), (1, 2.0), (2, 0.0))]
-    probs = intervention_probs(m, ids, variants, [target])
-    assert probs.shape == (4, 1)
-    torch.testing.assert_close(probs[0, 0], m.next_token_probs([PROMPT])[0, target], atol=1e-6,
+    probs = intervention_probs(m, ids, variants, [target]).float()
+    assert probs.shape == (4,)
+    torch.testing.assert_close(probs[0], m.next_token_probs([PROMPT])[0, target], atol=1e-6,
                                rtol=1e-5)
     for row, (neurons, scale) in enumerate(variants, start=1):
         with intervene(m, neurons, scale):
             ref = m.next_token_probs([PROMPT])[0, target]
-        torch.testing.assert_close(probs[row, 0], ref, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(probs[row], ref, atol=1e-6, rtol=1e-5)
 
 
 def test_empty_edit_is_a_noop_and_says_so():
@@ -208,7 +208,7 @@ def test_erasing_knowledge_neurons_lowers_p_answer_on_gemma(gemma, gemma_kns):
     before_digest = weights_digest(gemma)
     lowered = 0
     for prompt, answer, _, kns in gemma_kns:
-        t = gemma.target_id(prompt, answer)
+        t = gemma.answer_ids(prompt, answer)[0]
         p_b = float(gemma.next_token_probs([prompt])[0, t])
         with Edit.erase(kns).applied(gemma):
             p_a = float(gemma.next_token_probs([prompt])[0, t])
@@ -227,7 +227,7 @@ def test_update_raises_p_new_object_on_gemma(gemma, gemma_kns):
 
     signed = plain = 0
     for prompt, answer, new, kns in gemma_kns:
-        t, t2 = gemma.target_id(prompt, answer), gemma.target_id(prompt, new)
+        t, t2 = gemma.answer_ids(prompt, answer)[0], gemma.answer_ids(prompt, new)[0]
         p_b = float(gemma.next_token_probs([prompt])[0, t2])
         signs = activation_signs(gemma, [gemma.encode_prompt(prompt)], kns)
         with Edit.update(kns, t, t2, signs=signs).applied(gemma):

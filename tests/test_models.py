@@ -271,7 +271,7 @@ def test_answer_ids_tiny_tokenizer(bos):
     assert model.answer_ids(PROMPT, "  Portuguese ") == [portuguese]  # stripped, lower-cased
     assert model.answer_ids(PROMPT, "portuguese language") == [
         portuguese, tok.convert_tokens_to_ids("language")]
-    assert model.target_id(PROMPT, "portuguese") == portuguese
+    assert model.target_ids(PROMPT, "portuguese") == [portuguese]
     ids = model.encode_prompt(PROMPT)
     if bos:
         assert ids[0] == tok.bos_token_id
@@ -297,7 +297,7 @@ def test_gemma_answer_tokenization(gemma):
     ids = gemma.answer_ids(prompt, "Portuguese")
     assert ids == [41082]
     assert gemma.tokenizer.decode(ids) == " Portuguese"
-    assert gemma.target_id(prompt, " Portuguese ") == 41082
+    assert gemma.target_ids(prompt, " Portuguese ") == [41082]
     bos = gemma.tokenizer.bos_token_id
     assert gemma.encode_prompt(prompt)[0] == bos
     assert bos not in ids

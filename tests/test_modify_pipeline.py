@@ -99,7 +99,7 @@ def test_intervene_writes_figure4_with_checkable_rows(run, capsys):
     ns = ns[(ns["query_id"] == ok["query_id"]) & (ns["method"] == ok["method"])]
     cfg = __import__("yaml").safe_load((run / "config.yaml").read_text())
     model = load_model(cfg["model"]["name"])
-    t = model.target_id(q["prompt"], q["answer"])
+    t = model.answer_ids(q["prompt"], q["answer"])[0]
     p_b = float(model.next_token_probs([q["prompt"]])[0, t])
     scale = 0.0 if ok["op"] == "suppress" else 2.0
     with intervene(model, list(zip(ns["layer"], ns["neuron"])), scale):

@@ -22,7 +22,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 # ------------------------------------------------------------------------- Gemma
 def test_gemma_knows_brazil(gemma):
     prompt, answer = BRAZIL
-    target = gemma.target_id(prompt, answer)
+    target = gemma.answer_ids(prompt, answer)[0]
     assert target == 41082
     p = gemma.next_token_probs([prompt])[0]
     assert int(p.argmax()) == target
@@ -93,7 +93,7 @@ def test_smollm2_is_llama_and_knows_paris(smollm2):
     assert smollm2.adapter.name == "llama" and smollm2.config.model_type == "llama"
     assert smollm2.checked
     p = smollm2.next_token_probs([FRANCE[0]])[0]
-    assert int(p.argmax()) == smollm2.target_id(*FRANCE)
+    assert int(p.argmax()) == smollm2.answer_ids(*FRANCE)[0]
 
 
 _REF: dict[tuple[str, str], torch.Tensor] = {}

@@ -127,7 +127,8 @@ def test_screening_waves_screen_the_facts_a_sequential_loop_would(tmp_path, monk
     quota = [None, 1, 2, 3][seed % 4]
     cap = [None, 4][seed % 2]
 
-    def fake_screen(model, fact):
+    def fake_screen(model, unit):
+        fact = unit.fact
         return {"screen": pd.DataFrame([{"relation": q.relation, "fact_id": q.fact_id,
                                          "query_id": q.query_id, "prompt": q.prompt,
                                          "answer": q.answer, "target_id": 0, "prob": 0.5,

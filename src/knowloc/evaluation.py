@@ -9,6 +9,11 @@ evaluated when the unedited model's top-1 on q_i is o):
 * **Loc**  share of unrelated queries (facts of other relations) whose top-1 is unchanged
 * **Avg**  mean of the three (of those defined: Gen is undefined without neighbors)
 
+An answer is scored by its target tokens (:meth:`knowloc.models.Model.target_ids`, in the
+run's target mode): "top-1(q) = o" means greedy decoding after q reproduces every target
+token of o, and P(o|q) is the teacher-forced product of their probabilities. A one-token
+target is the plain next-token top-1 and probability.
+
 Probability-based versions: erase ``rel_prob = P_b(o|q_i) − P_a(o|q_i)`` (the drop),
 update ``rel_prob = P_a(o′|q_i) − P_b(o′|q_i)`` (the gain), ``gen_prob`` the same averaged over
 neighbors, ``loc_prob = 1 − mean_u |P_a(y_u|u) − P_b(y_u|u)|`` with y_u the unedited top-1 of
@@ -39,13 +44,15 @@ import torch
 from .errors import ConfigError, DataError
 from .interventions.weights import Edit
 from .models import Model
-from .models.forward import final_hidden, logits_from_hidden, next_token_probs
+from .models.forward import answer_scores, final_hidden, logits_from_hidden, next_token_probs
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "BUILTIN_CORPUS",
+    "Baseline",
     "EvalQuery",
+    "Observation",
     "PPLCorpus",
     "PPLSampler",
     "delta_prob",
@@ -53,6 +60,7 @@ __all__ = [
     "load_ppl_corpus",
     "modification_metrics",
     "nll_sum",
+    "observe",
     "perplexity",
     "predict",
     "probability_metrics",
@@ -403,36 +411,97 @@ class PPLSampler:
 
 
 # --------------------------------------------------------------------- edit evaluation
+def _token_ids(ids: int | Sequence[int]) -> tuple[int, ...]:
+    return (int(ids),) if isinstance(ids, (int, np.integer)) else tuple(int(t) for t in ids)
+
+
 @dataclass(frozen=True)
 class EvalQuery:
-    """A query as the evaluation sees it: its prompt tokens and the answer tokens."""
+    """A query as the evaluation sees it: its prompt tokens and the answer's target tokens
+    (:meth:`knowloc.models.Model.target_ids`; a token id stands for a one-token target)."""
 
     query_id: str
     prompt_ids: tuple[int, ...]
-    target_id: int  # first token of o
-    new_target_id: int | None = None  # first token of o′ (update)
+    target_ids: tuple[int, ...]  # o's target tokens
+    new_target_ids: tuple[int, ...] | None = None  # o′'s target tokens (update)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target_ids", _token_ids(self.target_ids))
+        if self.new_target_ids is not None:
+            object.__setattr__(self, "new_target_ids", _token_ids(self.new_target_ids))
+
+    def targets(self) -> list[tuple[int, ...]]:
+        """o's target, then o′'s where there is one."""
+        return [self.target_ids] + ([self.new_target_ids] if self.new_target_ids else [])
+
+
+@dataclass
+class Observation:
+    """What the model does on one edit's prompts: for each fact query and each of its
+    targets, the teacher-forced P(target) and whether greedy decoding reproduces the target;
+    for each unrelated query, its top-1 next token and the probability of a watched token
+    (its own top-1 when nothing is watched)."""
+
+    prob: dict[tuple[str, tuple[int, ...]], float]
+    hit: dict[tuple[str, tuple[int, ...]], bool]
+    loc_top1: list[int]
+    loc_prob: list[float]
+
+
+@torch.no_grad()
+def observe(model: Model, fact_queries: Sequence[EvalQuery],
+            locality: Sequence[tuple[int, ...]],
+            loc_watch: Sequence[int] | None = None) -> Observation:
+    """The model's predictions on the fact queries' targets and on the unrelated queries.
+
+    One :func:`predict` call over the fact prompts and the unrelated prompts gives every
+    top-1 and the probability of every one-token target (a one-token target is "reproduced"
+    when it is the top-1). A multi-token target is scored alone by
+    :func:`knowloc.models.forward.answer_scores`: the product of its teacher-forced
+    probabilities, and whether greedy decoding reproduces all its tokens. The batches depend
+    only on the arguments, so the same call gives the same numbers whenever it is made.
+    """
+    nf = len(fact_queries)
+    watch = [[t[0] for t in q.targets() if len(t) == 1] for q in fact_queries]
+    watch += [[int(w)] for w in loc_watch] if loc_watch is not None else [[] for _ in locality]
+    pred = predict(model, [q.prompt_ids for q in fact_queries] + list(locality), watch)
+    prob: dict[tuple[str, tuple[int, ...]], float] = {}
+    hit: dict[tuple[str, tuple[int, ...]], bool] = {}
+    for k, q in enumerate(fact_queries):
+        slot = 0
+        for t in q.targets():
+            if len(t) == 1:
+                prob[(q.query_id, t)] = float(pred.watched[k][slot])
+                hit[(q.query_id, t)] = int(pred.top1[k]) == t[0]
+                slot += 1
+            else:
+                s = answer_scores(model, [list(q.prompt_ids)], [list(t)])
+                prob[(q.query_id, t)] = float(s.prob[0])
+                hit[(q.query_id, t)] = bool(s.known[0])
+    loc_top1 = [int(t) for t in pred.top1[nf:]]
+    loc_prob = ([float(w[0]) for w in pred.watched[nf:]] if loc_watch is not None
+                else [float(p) for p in pred.top1_prob[nf:]])
+    return Observation(prob, hit, loc_top1, loc_prob)
 
 
 @dataclass
 class Baseline:
-    """Unedited predictions, computed once and reused by every edit."""
+    """Unedited observations (:func:`observe`), computed once per request and reused.
 
-    top1: dict[tuple[int, ...], int] = field(default_factory=dict)
-    probs: dict[tuple[tuple[int, ...], int], float] = field(default_factory=dict)
+    A request is one edit's fact queries with their targets and its unrelated prompts, and
+    it is computed in exactly the batches of the post-edit pass of :func:`evaluate_edit`:
+    an unedited number never depends on which prompts were asked before (or in which order
+    units run), and an edit that changes nothing changes no number."""
 
-    def ensure(self, model: Model, queries: Sequence[tuple[tuple[int, ...], Sequence[int]]]) -> None:
-        """Predict the prompts not seen yet (unedited model) and remember the watched P's."""
-        todo = [(p, list(w)) for p, w in queries
-                if p not in self.top1 or any((p, t) not in self.probs for t in w)]
-        if not todo:
-            return
-        pred = predict(model, [p for p, _ in todo],
-                       [list(w) for _, w in todo])
-        for (p, w), t1, t1p, watched in zip(todo, pred.top1, pred.top1_prob, pred.watched):
-            self.top1[p] = int(t1)
-            self.probs[(p, int(t1))] = float(t1p)
-            for tok, pr in zip(w, watched):
-                self.probs[(p, int(tok))] = float(pr)
+    seen: dict[tuple[Any, ...], Observation] = field(default_factory=dict)
+
+    def observe(self, model: Model, fact_queries: Sequence[EvalQuery],
+                locality: Sequence[tuple[int, ...]]) -> Observation:
+        key = (tuple((q.query_id, q.prompt_ids, q.target_ids, q.new_target_ids)
+                     for q in fact_queries), tuple(tuple(p) for p in locality))
+        if key not in self.seen:
+            self.seen[key] = observe(model, fact_queries, locality)
+        return self.seen[key]
 
 
 def evaluate_edit(
@@ -451,19 +520,18 @@ def evaluate_edit(
 
     One edit can serve several edited queries (the global set N_g is the same for every
     query of a fact): the post-edit predictions are computed once and read for each q_i.
-    Returns one row per ``rel_ids`` entry with Rel/Gen/Loc/Avg, the probability-based
-    versions, ΔPPL and the drawn entries. An empty edit is evaluated as ``status="empty"``
-    with every metric NaN (it is never a success).
+    A target "is the top-1" when greedy decoding reproduces all its tokens, and P(target)
+    is teacher-forced (:func:`observe`); locality compares the unrelated queries' top-1
+    next token. Returns one row per ``rel_ids`` entry with Rel/Gen/Loc/Avg, the
+    probability-based versions, ΔPPL and the drawn entries. An empty edit is evaluated as
+    ``status="empty"`` with every metric NaN (it is never a success).
     """
     if gen_on not in ("known", "all"):
         raise ConfigError(f"gen_on must be 'known' or 'all' (got {gen_on!r})")
     op = edit.op
     by_id = {q.query_id: q for q in fact_queries}
-    watch_of = {q.query_id: [q.target_id] + ([q.new_target_id] if q.new_target_id is not None
-                                              else []) for q in fact_queries}
-    baseline.ensure(model, [(q.prompt_ids, watch_of[q.query_id]) for q in fact_queries]
-                    + [(p, []) for p in locality])
-    known = {q.query_id: baseline.top1[q.prompt_ids] == q.target_id for q in fact_queries}
+    before = baseline.observe(model, fact_queries, locality)
+    known = {q.query_id: before.hit[(q.query_id, q.target_ids)] for q in fact_queries}
     rows: list[dict[str, Any]] = []
     nan = float("nan")
     empty_row = {"rel": nan, "gen": nan, "loc": nan, "avg": nan, "rel_prob": nan,
@@ -478,35 +546,30 @@ def evaluate_edit(
     draw = ppl.draw(ppl_key) if ppl is not None else []
     ppl_b = ppl.baseline(draw) if ppl is not None else nan
     with edit.applied(model):
-        pred = predict(model, [q.prompt_ids for q in fact_queries] + list(locality),
-                       [watch_of[q.query_id] for q in fact_queries]
-                       + [[baseline.top1[p]] for p in locality])
+        after = observe(model, fact_queries, locality, before.loc_top1)
         ppl_a = ppl.current(draw) if ppl is not None else nan
-    after = {q.query_id: (int(pred.top1[k]), pred.watched[k]) for k, q in enumerate(fact_queries)}
-    nf = len(fact_queries)
-    loc_same = [int(pred.top1[nf + k]) == baseline.top1[p] for k, p in enumerate(locality)]
-    loc_probs = [(baseline.probs[(p, baseline.top1[p])], float(pred.watched[nf + k][0]))
-                 for k, p in enumerate(locality)]
+    loc_same = [a == b for a, b in zip(after.loc_top1, before.loc_top1)]
+    loc_probs = list(zip(before.loc_prob, after.loc_prob))
     dppl = (ppl_a - ppl_b) / ppl_b if ppl is not None else nan
 
-    def target_of(q: EvalQuery) -> int:
-        return q.target_id if op == "erase" else int(q.new_target_id)  # type: ignore[arg-type]
+    def target_of(q: EvalQuery) -> tuple[int, ...]:
+        return q.target_ids if op == "erase" else q.new_target_ids  # type: ignore[return-value]
+
+    def hit(q: EvalQuery) -> bool:
+        return after.hit[(q.query_id, target_of(q))]
 
     def probs_of(q: EvalQuery) -> tuple[float, float]:
-        tok = target_of(q)
-        slot = 0 if op == "erase" else 1
-        return baseline.probs[(q.prompt_ids, tok)], float(after[q.query_id][1][slot])
+        key = (q.query_id, target_of(q))
+        return before.prob[key], after.prob[key]
 
     for qid in rel_ids:
         q = by_id[qid]
-        if op == "update" and q.new_target_id is None:
+        if op == "update" and q.new_target_ids is None:
             raise ConfigError(f"query {qid} has no new target o′ for an update edit")
         neighbors = [n for n in fact_queries if n.query_id != qid
                      and (gen_on == "all" or known[n.query_id])]
-        m = modification_metrics(
-            op, rel_hit=after[qid][0] == target_of(q),
-            gen_hits=[after[n.query_id][0] == target_of(n) for n in neighbors],
-            loc_same=loc_same)
+        m = modification_metrics(op, rel_hit=hit(q), gen_hits=[hit(n) for n in neighbors],
+                                 loc_same=loc_same)
         pm = probability_metrics(op, rel=probs_of(q), gen=[probs_of(n) for n in neighbors],
                                  loc=loc_probs)
         rows.append({"query_id": qid, "status": "ok", "n_neurons": len(edit), **m, **pm,

@@ -223,7 +223,7 @@ def reproduce(
                           known_per_relation=p.known_per_relation
                           if p.population == "known" else None,
                           max_per_relation=p.max_screen_per_relation,
-                          executor=executor)
+                          executor=executor, target=cfg.target)
     population, removed = select_population(facts, screened, population=p.population,
                                             known_per_relation=p.known_per_relation)
     if not population.facts:

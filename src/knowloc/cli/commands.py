@@ -339,6 +339,7 @@ def cmd_attention(args) -> int:
 
 def cmd_heatmap(args) -> int:
     from ..attribution import attribute
+    from ..models import answer_scores
     from ..neurons import Selection, knowledge_neurons
     from ..pipeline.attention import heatmap_table
     from ..pipeline.units import short_label
@@ -359,8 +360,8 @@ def cmd_heatmap(args) -> int:
     model = load_model_of(args)
     neurons, labels = [], []
     for i, (prompt, answer) in enumerate(zip(prompts, answers)):
-        target = model.target_id(prompt, answer)
-        p = float(model.next_token_probs([prompt])[0, target])
+        target = model.target_ids(prompt, answer)  # the attribution's default target
+        p = float(answer_scores(model, [model.encode_prompt(prompt)], [target]).prob[0])
         kn: list = []
         if args.method != "none":
             attr = attribute(model, (prompt, answer), args.method, n_steps=args.n_steps,

@@ -2,9 +2,11 @@
 
 They scale the neurons' activations instead of the weights: ``with intervene(model,
 neurons, scale=0.0): ...`` multiplies the down-projection inputs of the given neurons at the
-last position (``positions="all"``: every position) by ``scale`` (0 suppresses, 2
+last prompt position (``positions="all"``: every position) by ``scale`` (0 suppresses, 2
 enhances). With ``scale=0`` at every position this equals erasing the same neurons' value
-vectors (:meth:`knowloc.interventions.weights.Edit.erase`).
+vectors (:meth:`knowloc.interventions.weights.Edit.erase`). When answer tokens follow the
+prompt in the pass (a teacher-forced multi-token target), the last prompt position is given
+explicitly: the answer positions see the change only through attention.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from ..errors import ConfigError
 from ..models import Model
-from ..models.forward import next_token_probs
+from ..models.forward import answer_scores
 from ..neurons import as_neurons, check_neurons, neurons_by_layer
 
 log = logging.getLogger(__name__)
@@ -33,12 +35,14 @@ def intervene(
     scale: float = 0.0,
     *,
     positions: Literal["last", "all"] = "last",
+    last: int | None = None,
 ) -> Iterator[None]:
     """Multiply the activations of ``neurons`` by ``scale`` while the block runs.
 
     The neuron is the input of the MLP down projection (METHODS §0); ``positions="last"``
-    (default, METHODS §4) scales it at the last sequence position only, ``"all"`` at every
-    position. Hooks are removed on exit, also on error. An empty neuron set is a no-op.
+    (default, METHODS §4) scales it at the last prompt position only -- position ``last``
+    (0-based), by default the last position of each pass --, ``"all"`` at every position.
+    Hooks are removed on exit, also on error. An empty neuron set is a no-op.
     """
     if positions not in ("last", "all"):
         raise ConfigError(f"positions must be 'last' or 'all' (got {positions!r})")
@@ -52,11 +56,13 @@ def intervene(
         yield
         return
 
+    pos = -1 if last is None else int(last)
+
     def fn(layer: int, h: torch.Tensor) -> torch.Tensor:
         idx = groups[layer]
         h = h.clone()
         if positions == "last":
-            h[:, -1, idx] = h[:, -1, idx] * scale
+            h[:, pos, idx] = h[:, pos, idx] * scale
         else:
             h[:, :, idx] = h[:, :, idx] * scale
         return h
@@ -72,11 +78,15 @@ def intervention_probs(
     variants: Sequence[tuple[Iterable[Sequence[int]], float]],
     target_ids: Sequence[int],
 ) -> torch.Tensor:
-    """P(target) at the last position for the plain prompt and every intervention variant.
+    """Teacher-forced P(``target_ids``) after the prompt, for the plain prompt and every
+    intervention variant.
 
-    One batched forward pass: row 0 is unmodified, row ``1 + v`` has variant ``v``'s
-    neurons scaled by its factor at the last position (the same as :func:`intervene`).
-    Returns ``[1 + len(variants), len(target_ids)]`` float32 probabilities.
+    ``target_ids`` are the answer's target tokens (:meth:`knowloc.models.Model.target_ids`).
+    One batched forward pass over prompt + target[:-1]
+    (:func:`knowloc.models.forward.answer_scores`): row 0 is unmodified, row ``1 + v`` has
+    variant ``v``'s neurons scaled by its factor at the last prompt position (the same as
+    :func:`intervene` with ``last=len(prompt_ids) - 1``). Returns ``[1 + len(variants)]``
+    float64 probabilities (for a one-token target: its float32 next-token probability).
     """
     n_rows = 1 + len(variants)
     mult: dict[int, torch.Tensor] = {}
@@ -89,11 +99,14 @@ def intervention_probs(
                                          dtype=model.dtype)
             mult[layer][row, idx] = scale
 
+    pos = len(prompt_ids) - 1
+
     def fn(layer: int, h: torch.Tensor) -> torch.Tensor:
         h = h.clone()
-        h[:, -1, :] = h[:, -1, :] * mult[layer]
+        h[:, pos, :] = h[:, pos, :] * mult[layer]
         return h
 
     x = torch.tensor([list(prompt_ids)] * n_rows, device=model.device)
-    probs = next_token_probs(model, x, act_fn=fn if mult else None, layers=sorted(mult))
-    return probs[:, list(target_ids)]
+    answers = torch.tensor([[int(t) for t in target_ids]] * n_rows, device=model.device)
+    scores = answer_scores(model, x, answers, act_fn=fn if mult else None, layers=sorted(mult))
+    return scores.prob

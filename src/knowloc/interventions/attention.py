@@ -10,7 +10,9 @@ predominance, knowledge synapses, ΔValue/ΔProb) is in :mod:`knowloc.synapses`.
   multiplied by a factor (× 0 suppresses, × 2 enhances), in every query row of the
   forward pass (``rows="all"``, the default) or only in the last one; rows are not
   renormalized (the paper scales "attention scores", nothing more). Synapses of another
-  prompt are clipped to the current prompt's length.
+  prompt are clipped to the current prompt's length. When answer tokens follow the prompt
+  (a teacher-forced multi-token target), only the prompt's rows are scaled: the answer
+  positions see the change through attention, as with the neurons' activations.
 
 How attention is intercepted
 ----------------------------
@@ -69,7 +71,7 @@ from ..models.compat import (
     eager_attention_namespace,
     set_attn_implementation,
 )
-from ..models.forward import activations_and_probs
+from ..models.forward import activations_and_answer, activations_and_probs
 from ..synapses import (
     CONDITIONS,
     AttentionMap,
@@ -358,11 +360,13 @@ def attention_map(
 class _Scaler(_Interceptor):
     modifies = True
 
-    def __init__(self, layer: int, heads: dict[int, list[int]], factor: float, rows: Rows):
+    def __init__(self, layer: int, heads: dict[int, list[int]], factor: float, rows: Rows,
+                 last: int | None = None):
         super().__init__(layer)
         self.heads = heads
         self.factor = float(factor)
         self.rows = rows
+        self.last = last
         self.n_applied = 0
 
     def __call__(self, module, value, out, weights):
@@ -394,7 +398,8 @@ class _Scaler(_Interceptor):
                 f"the eager attention of {type(module).__name__} is not softmax(QK)V (|A V - out| "
                 f"= {err:.3g}); knowloc cannot scale its attention weights"
             )
-        r = slice(None) if self.rows == "all" else slice(q - 1, q)
+        end = q if self.last is None else min(q, self.last + 1)
+        r = slice(0, end) if self.rows == "all" else slice(end - 1, end)
         new_w = weights.clone()
         delta = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
         for h, cs in plan.items():
@@ -416,6 +421,7 @@ def scale_attention(
     factor: float,
     *,
     rows: Rows = "all",
+    last: int | None = None,
 ) -> Iterator[None]:
     """Multiply the post-softmax attention weights of column ``c`` in head ``(l, h)`` by
     ``factor`` for every synapse ``(c, l, h)``, in every forward pass inside the block.
@@ -423,7 +429,9 @@ def scale_attention(
     ``factor = 0`` suppresses (removes exactly that key's contribution to the head's output),
     ``2`` enhances; rows are not renormalized. Positions beyond a prompt's length are
     skipped (synapses of an unrelated, longer query are clipped). ``rows="last"`` touches
-    only the last query row. Requires eager attention (see :func:`eager_attention`);
+    only the last query row. ``last``: the last prompt position (0-based) when answer
+    tokens follow the prompt in the pass; rows after it are left alone (default: the last
+    row of each pass). Requires eager attention (see :func:`eager_attention`);
     restored on exit, also on error. Positions are absolute key positions: use unpadded
     (or right-padded) inputs.
     """
@@ -442,7 +450,7 @@ def scale_attention(
     for heads in plan.values():
         for h in heads:
             heads[h] = sorted(set(heads[h]))
-    interceptors = {l: _Scaler(l, heads, factor, rows) for l, heads in plan.items()}
+    interceptors = {l: _Scaler(l, heads, factor, rows, last) for l, heads in plan.items()}
     if not interceptors:
         _require_eager(model, "scale attention weights")
         yield
@@ -454,34 +462,37 @@ def scale_attention(
 def synapse_effect(
     model: Model,
     prompt: str | Sequence[int],
-    answer: str | int,
+    answer: str | int | Sequence[int],
     synapses: SynapseSet | Iterable[Synapse],
     factor: float,
     neurons: Iterable[tuple[int, int]],
     *,
     rows: Rows = "all",
+    target: str = "first",
 ) -> SynapseEffect:
     """ΔValue and ΔProb of scaling ``synapses`` by ``factor`` for one query.
 
-    ``answer``: the gold answer text (its first token is the target) or a token id.
-    ``neurons``: the query's knowledge neurons. Both runs happen under eager attention.
+    ``answer``: the gold answer text (its target tokens in ``target`` mode,
+    :meth:`knowloc.models.Model.target_ids`), or the target token id(s). P is the
+    teacher-forced probability of the target tokens; the synapses are scaled in the prompt's
+    rows only and ΔValue reads the activations at the last prompt position. ``neurons``: the
+    query's knowledge neurons. Both runs happen under eager attention.
     """
     ids = _ids(model, prompt)
     if isinstance(answer, str):
         if not isinstance(prompt, str):
-            raise ConfigError("give the answer as a token id when the prompt is token ids")
-        target = model.target_id(prompt, answer)
+            raise ConfigError("give the answer as token ids when the prompt is token ids")
+        answer_ids = model.target_ids(prompt, answer, target)
     else:
-        target = int(answer)
+        answer_ids = [int(answer)] if isinstance(answer, int) else [int(t) for t in answer]
     triples = as_synapses(synapses)
     kept = [s for s in triples if s[0] < len(ids)]
     kns = list(neurons)
     with eager_attention(model):
-        acts_b, probs_b = activations_and_probs(model, ids)
-        with scale_attention(model, kept, factor, rows=rows):
-            acts_a, probs_a = activations_and_probs(model, ids)
-    return measure_effect(factor, kns, acts_b, acts_a, float(probs_b[target]),
-                          float(probs_a[target]), n_synapses=len(kept),
+        acts_b, p_b = activations_and_answer(model, ids, answer_ids)
+        with scale_attention(model, kept, factor, rows=rows, last=len(ids) - 1):
+            acts_a, p_a = activations_and_answer(model, ids, answer_ids)
+    return measure_effect(factor, kns, acts_b, acts_a, p_b, p_a, n_synapses=len(kept),
                           n_clipped=len(triples) - len(kept))
 
 
@@ -495,6 +506,7 @@ def synapse_experiment(
     *,
     factors: dict[str, float] | None = None,
     rows: Rows = "all",
+    target: str = "first",
 ) -> pd.DataFrame:
     """The Figure 6 rows for one query: for ``synapses`` in (self, irrelevant) and
     ``operation`` in (sup × 0, enh × 2), its ΔValue and ΔProb (one row each).
@@ -508,7 +520,7 @@ def synapse_experiment(
     records = []
     for name, syn in sets.items():
         for op, f in factors.items():
-            eff = synapse_effect(model, prompt, answer, syn, f, kns, rows=rows)
+            eff = synapse_effect(model, prompt, answer, syn, f, kns, rows=rows, target=target)
             records.append({"synapses": name, "operation": op, **eff.as_dict()})
     return pd.DataFrame.from_records(records)
 

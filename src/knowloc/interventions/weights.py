@@ -4,9 +4,10 @@ Weight edits change the *value vectors* of knowledge neurons: the row of the dow
 projection that neuron (l, p) writes into the residual stream.
 
 * **erase**:  v_lp <- 0
-* **update**: v_lp <- v_lp - λ1·E(o) + λ2·E(o′), λ1 = λ2 = 2, E(t) the unembedding row of
-  token t (the input embedding when the two are tied), o and o′ the first tokens of the old
-  and new answer.
+* **update**: v_lp <- v_lp - λ1·E(o) + λ2·E(o′), λ1 = λ2 = 2, E(o) the mean of the
+  unembedding rows (the input embeddings when the two are tied) of the target tokens of
+  answer o (:meth:`knowloc.models.Model.target_ids`; for a one-token target, that token's
+  row), and likewise E(o′) for the new answer o′.
 
 An :class:`Edit` is a value; ``with edit.applied(model): ...`` writes it into the in-memory
 weights and restores the saved rows bit-for-bit on exit, also when the body raises. Files on
@@ -44,15 +45,15 @@ class Edit:
     Attributes:
         op: ``"erase"`` or ``"update"``.
         neurons: sorted, de-duplicated ``(layer, neuron)`` pairs.
-        target_id: first token of the original answer o (update only).
-        new_target_id: first token of the new answer o′ (update only).
+        target_ids: target tokens of the original answer o (update only).
+        new_target_ids: target tokens of the new answer o′ (update only).
         lambda1, lambda2: update weights of E(o) and E(o′) (2 and 2, METHODS §3).
     """
 
     op: Literal["erase", "update"]
     neurons: tuple[Neuron, ...]
-    target_id: int | None = None
-    new_target_id: int | None = None
+    target_ids: tuple[int, ...] | None = None
+    new_target_ids: tuple[int, ...] | None = None
     lambda1: float = LAMBDA1
     lambda2: float = LAMBDA2
     signs: tuple[float, ...] | None = None  # per neuron (sorted order); None: all +1 (paper)
@@ -64,8 +65,8 @@ class Edit:
         if self.signs is not None and len(self.signs) != len(neurons):
             raise ConfigError("signs must give one value per (distinct) neuron")
         object.__setattr__(self, "neurons", neurons)
-        if self.op == "update" and (self.target_id is None or self.new_target_id is None):
-            raise ConfigError("an update edit needs target_id (o) and new_target_id (o′)")
+        if self.op == "update" and not (self.target_ids and self.new_target_ids):
+            raise ConfigError("an update edit needs target_ids (o) and new_target_ids (o′)")
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -76,20 +77,22 @@ class Edit:
     def update(
         cls,
         neurons: Iterable[Sequence[int]],
-        target_id: int,
-        new_target_id: int,
+        target_ids: int | Sequence[int],
+        new_target_ids: int | Sequence[int],
         *,
         lambda1: float = LAMBDA1,
         lambda2: float = LAMBDA2,
         signs: dict[Neuron, float] | None = None,
     ) -> Edit:
-        """v <- v - λ1 E(o) + λ2 E(o′) (paper eq. 2). With ``signs`` (neuron -> ±1, e.g. from
+        """v <- v - λ1 E(o) + λ2 E(o′) (paper eq. 2), E the mean unembedding row of the
+        target tokens (a token id, or the ids of a multi-token target). With ``signs``
+        (neuron -> ±1, e.g. from
         :func:`activation_signs`) the change is multiplied by the neuron's sign, so that it
         pushes towards o′ also where the activation that reads the value vector is negative
         (gated MLPs: LLaMA, Gemma); not in the paper."""
         ns = as_neurons(neurons)
         sg = None if signs is None else tuple(float(signs[n]) for n in ns)
-        return cls("update", ns, int(target_id), int(new_target_id),
+        return cls("update", ns, _token_ids(target_ids), _token_ids(new_target_ids),
                    float(lambda1), float(lambda2), sg)
 
     # ------------------------------------------------------------------ properties
@@ -103,7 +106,8 @@ class Edit:
 
     def describe(self) -> str:
         what = "zero" if self.op == "erase" else (
-            f"-{self.lambda1:g}E({self.target_id}) +{self.lambda2:g}E({self.new_target_id})")
+            f"-{self.lambda1:g}E({_ids_text(self.target_ids)}) "
+            f"+{self.lambda2:g}E({_ids_text(self.new_target_ids)})")
         return f"{self.op} {len(self.neurons)} value vector(s): {what}"
 
     # ------------------------------------------------------------------ applying
@@ -113,11 +117,11 @@ class Edit:
             return None
         E = model.unembedding_matrix()
         vocab = E.shape[0]
-        for t in (self.target_id, self.new_target_id):
-            if not 0 <= int(t) < vocab:  # type: ignore[arg-type]
+        old, new = self.target_ids or (), self.new_target_ids or ()
+        for t in (*old, *new):
+            if not 0 <= t < vocab:
                 raise ConfigError(f"token id {t} is outside the vocabulary ({vocab})")
-        return (-self.lambda1 * E[int(self.target_id)].float()  # type: ignore[arg-type]
-                + self.lambda2 * E[int(self.new_target_id)].float())  # type: ignore[arg-type]
+        return -self.lambda1 * _mean_row(E, old) + self.lambda2 * _mean_row(E, new)
 
     @contextlib.contextmanager
     def applied(self, model: Model) -> Iterator[Edit]:
@@ -148,6 +152,22 @@ class Edit:
             with torch.no_grad():
                 for vv, index, rows in reversed(saved):
                     vv[index] = rows
+
+
+def _token_ids(ids: int | Sequence[int]) -> tuple[int, ...]:
+    return (int(ids),) if isinstance(ids, int) else tuple(int(t) for t in ids)
+
+
+def _ids_text(ids: tuple[int, ...] | None) -> str:
+    return ",".join(str(t) for t in ids or ())
+
+
+def _mean_row(E: torch.Tensor, ids: tuple[int, ...]) -> torch.Tensor:
+    """E(o): the mean of the float32 unembedding rows of ``ids`` (a one-token target's row
+    itself, bit for bit)."""
+    if len(ids) == 1:
+        return E[ids[0]].float()
+    return E[list(ids)].float().mean(0)
 
 
 @torch.no_grad()

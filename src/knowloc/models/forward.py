@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "ActivationFn",
     "AnswerScores",
+    "activations_and_answer",
     "activations_and_probs",
     "answer_scores",
     "apply_softcap",
@@ -71,9 +72,15 @@ def probs_from_hidden(model: Model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def final_hidden(model: Model, ids: TokenIds) -> torch.Tensor:
-    """``[batch, seq, d_model]`` final-normed hidden states of every position (no cache)."""
-    return model.base_model()(input_ids=_as_batch(model, ids), use_cache=False).last_hidden_state
+def final_hidden(model: Model, ids: TokenIds, *, act_fn: ActivationFn | None = None,
+                 layers: Sequence[int] | None = None) -> torch.Tensor:
+    """``[batch, seq, d_model]`` final-normed hidden states of every position (no cache;
+    ``act_fn``/``layers`` as in :func:`last_hidden`)."""
+    x = _as_batch(model, ids)
+    if act_fn is None:
+        return model.base_model()(input_ids=x, use_cache=False).last_hidden_state
+    with model.hook_activations(act_fn, layers):
+        return model.base_model()(input_ids=x, use_cache=False).last_hidden_state
 
 
 @torch.no_grad()
@@ -152,24 +159,53 @@ class AnswerScores(NamedTuple):
 
 
 @torch.no_grad()
-def answer_scores(model: Model, ids: TokenIds, answers: TokenIds) -> AnswerScores:
+def answer_scores(model: Model, ids: TokenIds, answers: TokenIds, *,
+                  act_fn: ActivationFn | None = None,
+                  layers: Sequence[int] | None = None) -> AnswerScores:
     """Teacher-forced scores of same-length answers after same-length prompts.
 
     ``ids`` ``[batch, seq]`` are the prompts, ``answers`` ``[batch, n]`` the target tokens
     (:meth:`Model.target_ids`). One pass over prompt + answer[:-1]; position ``seq - 1 + i``
     predicts answer token i. ``known`` is True when the argmax at every answer position is
     the gold token, i.e. greedy decoding reproduces the answer. With ``n = 1`` this is
-    exactly :func:`next_token_probs` (same pass, same numbers).
+    exactly :func:`next_token_probs` (same pass, same numbers). ``act_fn``/``layers`` as in
+    :func:`last_hidden`; the pass includes the answer tokens, so an ``act_fn`` that acts on
+    the last prompt position must index it explicitly (``seq - 1``), not as position -1.
     """
     x, a = _as_batch(model, ids), _as_batch(model, answers)
     n = a.shape[1]
     if n == 1:
-        probs = next_token_probs(model, x)[:, None]
+        probs = next_token_probs(model, x, act_fn=act_fn, layers=layers)[:, None]
     else:
         seq = torch.cat([x, a[:, :-1]], 1)
-        hidden = final_hidden(model, seq)[:, x.shape[1] - 1:].contiguous()
+        hidden = final_hidden(model, seq, act_fn=act_fn, layers=layers)[:, x.shape[1] - 1:]
+        hidden = hidden.contiguous()
         probs = probs_from_hidden(model, hidden.reshape(-1, hidden.shape[-1]))
         probs = probs.reshape(a.shape[0], n, -1)
     p = probs.gather(2, a[:, :, None])[:, :, 0]
     greedy = probs.argmax(-1)
     return AnswerScores(p.double().prod(1), greedy, (greedy == a).all(1))
+
+
+@torch.no_grad()
+def activations_and_answer(model: Model, ids: Sequence[int], answer: Sequence[int], *,
+                           act_fn: ActivationFn | None = None) -> tuple[torch.Tensor, float]:
+    """One prompt: (``[n_layers, d_mlp]`` activations at the last *prompt* position, float32
+    on the CPU; the teacher-forced P(``answer``) of :func:`answer_scores`). A one-token
+    answer is :func:`activations_and_probs` (same pass, same numbers). With ``act_fn`` the
+    activations are recorded after it replaced them."""
+    answer = [int(t) for t in answer]
+    if len(answer) == 1:
+        acts, probs = activations_and_probs(model, ids, act_fn=act_fn)
+        return acts, float(probs[answer[0]])
+    pos = len(ids) - 1
+    acts = torch.empty(model.n_layers, model.d_mlp, dtype=torch.float32)
+
+    def grab(layer: int, h: torch.Tensor) -> torch.Tensor:
+        if act_fn is not None:
+            h = act_fn(layer, h)
+        acts[layer] = h[0, pos].detach().float().cpu()
+        return h
+
+    scores = answer_scores(model, [list(ids)], [answer], act_fn=grab)
+    return acts, float(scores.prob[0])

@@ -252,10 +252,6 @@ class Model:
                 return ids[:k]
         return ids
 
-    def target_id(self, prompt: str, answer: str) -> int:
-        """The first token of the gold answer."""
-        return self.answer_ids(prompt, answer)[0]
-
     def eos_id(self) -> int:
         tok = self.tokenizer
         for attr in ("eos_token_id", "pad_token_id"):

@@ -25,7 +25,14 @@ from ..data import natural_key
 from ..errors import ConfigError, DataError
 from ..models import Model
 from ..store import RunStore, content_hash
-from .run import RunFacts, model_fingerprint, parse_threshold, read_run, seeded_rng
+from .run import (
+    RunFacts,
+    model_fingerprint,
+    parse_threshold,
+    read_run,
+    seeded_rng,
+    target_key,
+)
 from .units import Executor, Unit, run_units
 
 log = logging.getLogger(__name__)
@@ -126,10 +133,12 @@ class AttentionUnit:
     suppress: float
     enhance: float
     rows: str
+    target: str = "first"  # the run's target mode (Model.target_ids)
 
 
 def attend_fact(model: Model, unit: AttentionUnit) -> dict[str, pd.DataFrame]:
-    """Predominance, synapses and synapse manipulations of one fact's queries."""
+    """Predominance, synapses and synapse manipulations of one fact's queries (ΔProb of
+    the teacher-forced target tokens in ``unit.target`` mode)."""
     from ..interventions.attention import attention_map, eager_attention, synapse_effect
     from ..synapses import knowledge_synapses, most_attended, predominance_both
 
@@ -142,7 +151,7 @@ def attend_fact(model: Model, unit: AttentionUnit) -> dict[str, pd.DataFrame]:
     with eager_attention(model):
         for qid, prompt, answer, known in unit.queries:
             ids = model.encode_prompt(prompt)
-            target = model.target_id(prompt, answer)
+            target = model.target_ids(prompt, answer, unit.target)
             amap = attention_map(model, ids, rows=rows, query_id=qid, fact_id=unit.fact_id)
             maps.append(amap)
             own = {True: knowledge_synapses(amap, alpha=unit.alpha),
@@ -217,7 +226,8 @@ def attention_units(model: Model, run: RunFacts, cfg: AttentionConfig) -> list[U
         key = content_hash({"stage": "attention", "model": model_fingerprint(model),
                             "queries": [(q.prompt, q.answer, bool(q.known))
                                         for q in fq.itertuples()],
-                            "neurons": kns, "irrelevant": irr, "config": config})
+                            "neurons": kns, "irrelevant": irr, "config": config,
+                            **target_key(run.target)})
         payload = AttentionUnit(
             fact_id=fact.fact_id, relation=fact.relation,
             queries=tuple((str(q.query_id), str(q.prompt), str(q.answer), bool(q.known))
@@ -225,7 +235,7 @@ def attention_units(model: Model, run: RunFacts, cfg: AttentionConfig) -> list[U
             kns=tuple((m, tuple((q, tuple(ns)) for q, ns in by_q.items()))
                       for m, by_q in kns.items()),
             irrelevant=tuple(irr.items()), alpha=cfg.alpha, suppress=cfg.suppress,
-            enhance=cfg.enhance, rows=cfg.rows)
+            enhance=cfg.enhance, rows=cfg.rows, target=run.target)
         units.append(Unit(key, payload, f"{fact.relation} {fact.fact_id[:30]}",
                           {"relation": fact.relation, "fact_id": fact.fact_id}))
     return units

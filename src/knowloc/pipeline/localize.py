@@ -34,7 +34,7 @@ from ..models import Model
 from ..models.forward import answer_scores
 from ..neurons import Selection, neurons_frame
 from ..store import RunStore, content_hash
-from .run import MAPS, map_frame, model_fingerprint, read_map, with_ident
+from .run import MAPS, map_frame, model_fingerprint, read_map, record_target, target_key, with_ident
 from .units import Compute, Executor, LocalExecutor, Tables, Unit, run_units, short_label
 
 log = logging.getLogger(__name__)
@@ -47,18 +47,30 @@ LOCALIZE_TABLES: dict[str, Sequence[str] | None] = {
 
 
 # ------------------------------------------------------------------------ screening
-def screen_key(model: Model, fact: Fact) -> str:
-    """The unit key of screening one fact (all its queries)."""
+def screen_key(model: Model, fact: Fact, target: str = "first") -> str:
+    """The unit key of screening one fact (all its queries) in ``target`` mode."""
     return content_hash({"model": model_fingerprint(model), "stage": "screen",
-                         "queries": [(q.prompt, q.answer) for q in fact.queries]})
+                         "queries": [(q.prompt, q.answer) for q in fact.queries],
+                         **target_key(target)})
+
+
+@dataclass(frozen=True)
+class ScreenUnit:
+    """The payload of one screening unit: a fact and the target mode."""
+
+    fact: Fact
+    target: str = "first"
 
 
 @torch.no_grad()
-def screen_fact(model: Model, fact: Fact) -> dict[str, pd.DataFrame]:
+def screen_fact(model: Model, unit: ScreenUnit) -> dict[str, pd.DataFrame]:
     """Forward passes for a fact's queries, batched by token length, logits at the end only:
-    the ``screen`` rows of the fact."""
-    encoded = [(q, model.encode_prompt(q.prompt), model.target_ids(q.prompt, q.answer))
-               for q in fact.queries]
+    the ``screen`` rows of the fact. ``prob`` is the teacher-forced P(target) and ``known``
+    says whether greedy decoding reproduces every target token (:meth:`Model.target_ids`
+    in ``unit.target`` mode); ``predicted`` is the model's next token."""
+    fact = unit.fact
+    encoded = [(q, model.encode_prompt(q.prompt),
+                model.target_ids(q.prompt, q.answer, unit.target)) for q in fact.queries]
     by_len: dict[tuple[int, int], list[int]] = {}
     for i, (_, ids, target) in enumerate(encoded):
         by_len.setdefault((len(ids), len(target)), []).append(i)
@@ -79,8 +91,9 @@ def screen_fact(model: Model, fact: Fact) -> dict[str, pd.DataFrame]:
 
 def screen(model: Model, facts: FactSet, store: RunStore, *, progress: bool = True,
            known_per_relation: int | None = None, max_per_relation: int | None = None,
-           executor: Executor | None = None) -> pd.DataFrame:
-    """One forward pass per query: P(answer), the model's top-1 and whether it is the answer.
+           executor: Executor | None = None, target: str = "first") -> pd.DataFrame:
+    """One forward pass per query: P(answer), the model's top-1 and whether greedy decoding
+    reproduces the answer's target (``target`` mode, as localization will use it).
 
     Cheap (no gradients); it decides the consistency population (METHODS §2: facts whose
     answer is top-1 on at least one query) before any attribution is spent on them.
@@ -113,7 +126,8 @@ def screen(model: Model, facts: FactSet, store: RunStore, *, progress: bool = Tr
         if not batch:
             break
         wave += 1
-        units = [Unit(screen_key(model, f), f, f"{f.relation} {f.fact_id}",
+        units = [Unit(screen_key(model, f, target), ScreenUnit(f, target),
+                      f"{f.relation} {f.fact_id}",
                       {"relation": f.relation, "fact_id": f.fact_id}) for f in batch]
         run_units(units, screen_fact, store, model=model, marker="screen", executor=executor,
                   desc="screening" if wave == 1 else f"screening (wave {wave})",
@@ -378,5 +392,6 @@ def localize(
     stats = run_units(units, localize_query, store, model=model, marker="queries",
                       consolidate=LOCALIZE_TABLES, executor=executor, desc="localizing",
                       unit_name="query", progress=progress)
+    record_target(store, cfg.target)  # the stages after it score answers the same way
     return LocalizeResult(store, stats.computed, stats.skipped_done, stats.seconds,
                           store.table("queries"))

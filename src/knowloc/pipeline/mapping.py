@@ -19,7 +19,7 @@ import pandas as pd
 from ..attribution import sort_methods
 from ..models import Model
 from ..store import RunStore, content_hash
-from .run import fact_queries, model_fingerprint, parse_threshold, read_run
+from .run import fact_queries, model_fingerprint, parse_threshold, read_run, target_key
 from .units import Executor, Unit, run_units
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,14 @@ class MappingUnit:
     sets: tuple[tuple[str, tuple[tuple[int, int], ...]], ...]  # query_id -> N_i
     suppress: float
     enhance: float
+    target: str = "first"  # the run's target mode (Model.target_ids)
 
 
 def intervene_fact(model: Model, unit: MappingUnit) -> dict[str, pd.DataFrame]:
-    """ΔProb of scaling each neuron set of each query of one fact: its ``interventions``."""
+    """ΔProb of scaling each neuron set of each query of one fact: its ``interventions``.
+
+    P is the teacher-forced probability of the query's target tokens (``unit.target``
+    mode); the activations are scaled at the last prompt position."""
     from ..evaluation import delta_prob
     from ..interventions.activations import intervention_probs
 
@@ -85,7 +89,7 @@ def intervene_fact(model: Model, unit: MappingUnit) -> dict[str, pd.DataFrame]:
     rows = []
     for qid, prompt, answer in unit.queries:
         ids = model.encode_prompt(prompt)
-        target = model.target_id(prompt, answer)
+        target = model.target_ids(prompt, answer, unit.target)
         nsets = neighbor_sets(sets, qid)
         variants, labels = [], []
         for name in MAPPING_SETS:
@@ -93,7 +97,7 @@ def intervene_fact(model: Model, unit: MappingUnit) -> dict[str, pd.DataFrame]:
                 if nsets[name]:
                     variants.append((sorted(nsets[name]), scale))
                     labels.append((name, op))
-        probs = intervention_probs(model, ids, variants, [target])[:, 0].double().cpu().numpy()
+        probs = intervention_probs(model, ids, variants, target).cpu().numpy()
         p_b = float(probs[0])
         done_labels = dict(zip(labels, probs[1:]))
         for name in MAPPING_SETS:
@@ -145,12 +149,12 @@ def query_kn_mapping(
                                 "queries": [(q.prompt, q.answer) for q in fq.itertuples()],
                                 "neurons": [sorted(sets[str(q.query_id)])
                                             for q in fq.itertuples()],
-                                "config": config})
+                                "config": config, **target_key(run.target)})
             payload = MappingUnit(method, fact.relation, fact.fact_id,
                                   tuple((str(q.query_id), str(q.prompt), str(q.answer))
                                         for q in fq.itertuples()),
                                   tuple((qid, tuple(ns)) for qid, ns in sets.items()),
-                                  cfg.suppress, cfg.enhance)
+                                  cfg.suppress, cfg.enhance, run.target)
             units.append(Unit(key, payload, f"{method} {fact.fact_id[:30]}",
                               {"method": method, "relation": fact.relation,
                                "fact_id": fact.fact_id}))

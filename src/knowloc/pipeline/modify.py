@@ -33,6 +33,7 @@ from .run import (
     parse_threshold,
     read_run,
     seeded_rng,
+    target_key,
     with_ident,
 )
 from .units import Executor, Unit, run_units
@@ -121,12 +122,14 @@ def locality_pool(model: Model, catalog: pd.DataFrame, fact_id: str, relation: s
 
 
 def new_object(model: Model, catalog: pd.DataFrame, relation: str, fact_id: str, prompt: str,
-               answer: str, seed: int) -> str | None:
-    """o′: another object of the same relation whose first token differs from o's (seeded)."""
-    target = model.target_id(prompt, answer)
+               answer: str, seed: int, target: str = "first") -> str | None:
+    """o′: another object of the same relation whose target tokens (in ``target`` mode,
+    :meth:`~knowloc.models.Model.target_ids`) differ from o's (seeded). With ``first``,
+    " 1961" and " 1066" share their target (space + "1" on Gemma): not a valid o′."""
+    own = model.target_ids(prompt, answer, target)
     cands = sorted({a for a in catalog.loc[catalog["relation"] == relation, "answer"].astype(str)
                     if a.strip().lower() != answer.strip().lower()})
-    cands = [a for a in cands if model.target_id(prompt, a) != target]
+    cands = [a for a in cands if model.target_ids(prompt, a, target) != own]
     if not cands:
         return None
     return cands[int(seeded_rng("new-object", seed, fact_id).integers(len(cands)))]
@@ -204,6 +207,7 @@ class EditUnit:
     update_sign: str
     gen_on: str
     ppl: PPLSpec
+    target: str = "first"  # the run's target mode (Model.target_ids)
 
 
 @dataclass
@@ -240,13 +244,12 @@ def edit_fact(model: Model, unit: EditUnit) -> dict[str, pd.DataFrame]:
     sets = {qid: list(ns) for qid, ns in unit.sets}
     cas = list(unit.cas)
     equeries = [EvalQuery(qid, tuple(model.encode_prompt(prompt)),
-                          model.target_id(prompt, answer),
-                          model.target_id(prompt, new_obj) if new_obj else None)
+                          tuple(model.target_ids(prompt, answer, unit.target)),
+                          tuple(model.target_ids(prompt, new_obj, unit.target))
+                          if new_obj else None)
                 for qid, prompt, answer in unit.queries]
-    baseline.ensure(model, [(q.prompt_ids, [q.target_id] + ([q.new_target_id]
-                                                           if q.new_target_id else []))
-                            for q in equeries])
-    known = [q.query_id for q in equeries if baseline.top1[q.prompt_ids] == q.target_id]
+    before = baseline.observe(model, equeries, list(unit.locality))
+    known = [q.query_id for q in equeries if before.hit[(q.query_id, q.target_ids)]]
     rows: list[dict[str, Any]] = []
     nan = float("nan")
     for q in equeries:
@@ -262,7 +265,7 @@ def edit_fact(model: Model, unit: EditUnit) -> dict[str, pd.DataFrame]:
             return Edit.erase(neurons)
         signs = (activation_signs(model, [r.prompt_ids for r in read_by], neurons)
                  if unit.update_sign == "activation" else None)
-        return Edit.update(neurons, q.target_id, int(q.new_target_id),  # type: ignore[arg-type]
+        return Edit.update(neurons, q.target_ids, q.new_target_ids,  # type: ignore[arg-type]
                            lambda1=unit.lambda1, lambda2=unit.lambda2, signs=signs)
 
     common: dict[str, Any] = {"fact_queries": equeries, "locality": list(unit.locality),
@@ -322,7 +325,8 @@ def edit_units(model: Model, run: RunFacts, store: RunStore, cfg: ModifyConfig,
                 for set_kind in cfg.sets:
                     first = fq.iloc[0]
                     new_obj = (new_object(model, run.catalog, fact.relation, fact.fact_id,
-                                          first["prompt"], first["answer"], cfg.seed)
+                                          first["prompt"], first["answer"], cfg.seed,
+                                          run.target)
                                if op == "update" else None)
                     loc_prompts, loc_ids, loc_kind = locality_pool(
                         model, run.catalog, fact.fact_id, fact.relation, cfg.n_locality,
@@ -337,7 +341,7 @@ def edit_units(model: Model, run: RunFacts, store: RunStore, cfg: ModifyConfig,
                         "config": {k: v for k, v in cfg.as_dict().items()
                                    if k not in ("ops", "sets", "methods", "split_threshold")
                                    and not k.startswith("cas_")},
-                        "ppl": ppl_config}
+                        "ppl": ppl_config, **target_key(run.target)}
                     cas: list[tuple[int, int]] = []
                     if set_kind == "cas":
                         if attributions is None:
@@ -358,7 +362,7 @@ def edit_units(model: Model, run: RunFacts, store: RunStore, cfg: ModifyConfig,
                         cas=tuple(cas), new_object=new_obj, locality=tuple(loc_prompts),
                         locality_ids=tuple(loc_ids), locality_kind=loc_kind,
                         lambda1=cfg.lambda1, lambda2=cfg.lambda2, update_sign=cfg.update_sign,
-                        gen_on=cfg.gen_on, ppl=ppl)
+                        gen_on=cfg.gen_on, ppl=ppl, target=run.target)
                     units.append(Unit(key, payload,
                                       f"{method} {op} {set_kind} {fact.fact_id[:30]}",
                                       {"method": method, "relation": fact.relation,

@@ -21,8 +21,8 @@ import torch
 from ..attribution import Attribution, sort_methods
 from ..consistency import Threshold
 from ..errors import ConfigError, RunError
-from ..models import Model
-from ..store import RunStore, content_hash, to_plain
+from ..models import TARGETS, Model
+from ..store import CONFIG_FILE, RunStore, content_hash, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,37 @@ def with_ident(df: pd.DataFrame, ident: dict[str, Any]) -> pd.DataFrame:
     return out
 
 
+def run_target(store: RunStore) -> str:
+    """The run's target mode (``localize.target`` of its ``config.yaml``, see
+    :meth:`knowloc.models.Model.target_ids`): every stage scores answers the way the run's
+    knowledge neurons were localized. ``"first"`` for a run that records none (made before
+    the option existed, when every run was ``first``)."""
+    if not (store.root / CONFIG_FILE).exists():
+        return "first"
+    target = (store.read_config().get("localize") or {}).get("target", "first")
+    if target not in TARGETS:
+        raise RunError(f"{store.root / CONFIG_FILE} names the unknown target {target!r} "
+                       f"(localize.target; one of {', '.join(TARGETS)})")
+    return str(target)
+
+
+def record_target(store: RunStore, target: str) -> None:
+    """Write ``target`` into ``localize.target`` of the run's ``config.yaml`` (created if
+    absent) unless it is there already, so that :func:`run_target` reads it back."""
+    config = store.read_config() if (store.root / CONFIG_FILE).exists() else {}
+    section = config.get("localize") or {}
+    if section.get("target") != target:
+        config["localize"] = {**section, "target": target}
+        store.write_config(config)
+
+
+def target_key(target: str) -> dict[str, str]:
+    """The part of a unit key that names the target mode: nothing for ``"first"`` (so the
+    keys, and the runs made before the option existed, stay what they were), else
+    ``{"target": target}``."""
+    return {} if target == "first" else {"target": target}
+
+
 def parse_threshold(value: float | str) -> Threshold:
     """A K_I/K_II split threshold: a number (also given as text) or ``"otsu"``."""
     if value == "otsu":
@@ -78,12 +109,13 @@ class RunFacts:
     split: pd.DataFrame  # method, fact_id, relation, cs2, kind
     catalog: pd.DataFrame  # relation, fact_id, query_id, prompt, answer (all known facts)
     methods: list[str]
+    target: str = "first"  # the run's target mode (run_target)
 
 
 def read_run(store: RunStore, methods: Sequence[str] | None, threshold: float | str,
              query_ids: set[str] | None = None, *, allow_partial: bool = False) -> RunFacts:
-    """The run's queries, knowledge neurons, K_I/K_II split (CS2 > ``threshold``) and
-    catalog, for ``methods`` (None: every method with consistency results).
+    """The run's queries, knowledge neurons, K_I/K_II split (CS2 > ``threshold``), catalog
+    and target mode, for ``methods`` (None: every method with consistency results).
 
     Refuses a run whose localization is unfinished unless ``allow_partial``."""
     from ..consistency import split_facts
@@ -123,7 +155,7 @@ def read_run(store: RunStore, methods: Sequence[str] | None, threshold: float | 
     catalog = (pd.concat(parts, ignore_index=True).drop_duplicates("query_id")
                .sort_values(["relation", "fact_id", "query_id"], kind="mergesort")
                .reset_index(drop=True))
-    return RunFacts(queries, neurons, split, catalog, run_methods)
+    return RunFacts(queries, neurons, split, catalog, run_methods, run_target(store))
 
 
 def attribution_maps(store: RunStore,
