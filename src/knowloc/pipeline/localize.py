@@ -30,6 +30,7 @@ import torch
 
 from ..attribution import Attribution, AttributionConfig, attribute
 from ..data import Fact, FactSet, Query
+from ..errors import TokenizationError
 from ..models import Model
 from ..models.forward import answer_scores
 from ..neurons import Selection, neurons_frame
@@ -89,6 +90,29 @@ def screen_fact(model: Model, unit: ScreenUnit) -> dict[str, pd.DataFrame]:
     return {"screen": pd.DataFrame(rows)}
 
 
+def check_targets(model: Model, queries: Sequence[Query], target: str) -> None:
+    """Refuse, before any unit runs, queries whose answer cannot be a target of ``model``.
+
+    An answer the tokenizer turns into a special token (a small vocabulary's ``<unk>``, say)
+    has no probability to attribute; the error names every such fact (and how many queries)
+    so that the facts file can be fixed or another model chosen.
+    """
+    bad: dict[tuple[str, str], str] = {}
+    count = 0
+    for q in queries:
+        try:
+            model.target_ids(q.prompt, q.answer, target)
+        except TokenizationError as exc:
+            count += 1
+            bad.setdefault((q.relation, q.fact_id), str(exc))
+    if bad:
+        shown = "; ".join(f"fact {fid} ({rel}): {msg}" for (rel, fid), msg in list(bad.items())[:3])
+        more = f" and {len(bad) - 3} more facts" if len(bad) > 3 else ""
+        raise TokenizationError(
+            f"{count} queries of {len(bad)} facts have no target for model {model.name}: "
+            f"{shown}{more}; remove those facts or use another model")
+
+
 def screen(model: Model, facts: FactSet, store: RunStore, *, progress: bool = True,
            known_per_relation: int | None = None, max_per_relation: int | None = None,
            executor: Executor | None = None, target: str = "first") -> pd.DataFrame:
@@ -126,6 +150,7 @@ def screen(model: Model, facts: FactSet, store: RunStore, *, progress: bool = Tr
         if not batch:
             break
         wave += 1
+        check_targets(model, [q for f in batch for q in f.queries], target)
         units = [Unit(screen_key(model, f, target), ScreenUnit(f, target),
                       f"{f.relation} {f.fact_id}",
                       {"relation": f.relation, "fact_id": f.fact_id}) for f in batch]
@@ -370,6 +395,7 @@ def localize(
     map is stored, from this or an earlier call, is read off the map without the model, so
     another neuron selection on a run with maps computes no attribution.
     """
+    check_targets(model, facts.queries(), cfg.target)
     units = [
         Unit(unit_key(model, q, acfg, cfg.selection, cfg.keep_top),
              LocalizeUnit(q, acfg, cfg.selection, cfg.keep_top, cfg.internal_batch_size,
