@@ -283,3 +283,25 @@ def test_query_reads_no_file_outside_the_run(localized, capsys, tmp_path):
     other.write_text("a\n1\n")
     line = cli_error(capsys, ["query", str(localized), f"SELECT * FROM read_csv('{other}')"])
     assert "query failed" in line
+
+
+def test_heatmap_target_all_scores_the_whole_answer(tiny_dir, tmp_path, capsys):
+    """``heatmap --target all`` prints the teacher-forced P of the whole answer (the product
+    over its tokens), ``first`` that of its first token."""
+    from knowloc.models import answer_scores, load_model
+
+    model = load_model(str(tiny_dir))
+    prompt, answer = "the official language of brazil is", "portuguese language"
+    printed = {}
+    for target in ("first", "all"):
+        assert main(["heatmap", "--model", str(tiny_dir), "--prompt", prompt, "--answer", answer,
+                     "--method", "none", "--target", target,
+                     "--out", str(tmp_path / target)]) == 0
+        out = capsys.readouterr()
+        line = next(s for s in (out.out + out.err).splitlines() if s.startswith("q1: P("))
+        printed[target] = float(line.split("= ")[1].split(",")[0])
+        ids = model.target_ids(prompt, answer, target)
+        want = float(answer_scores(model, [model.encode_prompt(prompt)], [ids]).prob[0])
+        assert printed[target] == pytest.approx(want, abs=1e-4)
+    assert len(model.target_ids(prompt, answer, "all")) == 2
+    assert printed["all"] < printed["first"]

@@ -42,8 +42,8 @@ def test_reproduce_writes_a_complete_report(tiny_dir, facts_file, tmp_path, caps
     assert not q.duplicated(["method", "query_id"]).any()
     # the overview describes what ran, not the preset's text; timings add up every invocation
     text = report.read_text(encoding="utf-8")
-    assert "as run: 2 relations, 4 facts, 3–4 queries per fact (14 queries), IG/AMIG, 3 steps" \
-        in text
+    assert ("as run: 2 relations, 4 facts, 3–4 queries per fact (14 queries), IG/AMIG, 3 steps, "
+            "target: first answer token") in text
     overview = text[text.index('id="overview"'):]
     assert "IG/SIG/AMIG" not in overview[:overview.index("</section>")]  # the preset's text
     assert "Localization compute, all invocations together" in text
@@ -124,3 +124,38 @@ def test_context_prefix_is_prepended(facts_file):
     assert ctx.queries()[0].prompt == "Paris is the capital of France. " + fs.queries()[0].prompt
     assert [q.query_id for q in ctx.queries()] == [q.query_id for q in fs.queries()]
     assert with_context(fs, None) is fs
+
+
+def test_reproduce_target_all_reaches_every_stage(tiny_dir, facts_file, tmp_path):
+    """``reproduce --target all``: screening, localization and the stages after it score the
+    whole answer (teacher-forced), the run records it and the report says so."""
+    import json
+
+    import yaml
+
+    from knowloc.models import answer_scores, load_model
+
+    facts = tmp_path / "facts.jsonl"  # two-word answers first (the preset keeps 2 facts per relation), then the tiny facts
+    facts.write_text("".join(
+        json.dumps({"relation": "P37", "subject": subj, "object": obj,
+                    "templates": ["the official language of [X] is [Y]",
+                                  "the people of [X] speak [Y]"]}) + "\n"
+        for subj, obj in (("brazil", "portuguese language"), ("japan", "japanese language")))
+        + facts_file.read_text())
+    out = tmp_path / "run"
+    assert main(_args(tiny_dir, facts, out, methods="ig")
+                + ["--target", "all", "--no-attention"]) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["localize"]["target"] == "all" and config["preset"]["target"] == "all"
+    model = load_model(str(tiny_dir))
+    q = pd.read_parquet(out / "queries.parquet")
+    multi = 0
+    for row in q.itertuples():
+        ids = model.target_ids(row.prompt, row.answer, "all")
+        multi += len(ids) > 1
+        want = float(answer_scores(model, [model.encode_prompt(row.prompt)], [ids]).prob[0])
+        assert abs(row.prob - want) < 1e-6 * max(1.0, want), (row.prompt, row.answer)
+    assert multi, "the facts file has no multi-token answer for this tokenizer"
+    edits = pd.read_parquet(out / "edits.parquet")
+    assert len(edits)
+    assert "target: whole answer (teacher-forced)" in (out / "report.html").read_text()

@@ -42,6 +42,7 @@ class Preset:
     max_queries_per_fact: int | None = None
     methods: tuple[str, ...] = field(default_factory=method_names)  # every registered method
     n_steps: int = 20
+    target: str = "first"  # the answer's first token, or "all" of it (teacher-forced)
     population: str = "known"
     max_screen_per_relation: int | None = None
     static_threshold: float = 0.1
@@ -186,7 +187,7 @@ def reproduce(
             model = load_model(model, device=device, dtype=dtype)
     store = RunStore(out)
     cfg = LocalizeConfig(methods=p.methods, n_steps=p.n_steps, selection=p.selection,
-                         keep_maps=keep_maps)
+                         target=p.target, keep_maps=keep_maps)
     edit_methods = [m for m in p.methods if p.modify_methods is None or m in p.modify_methods]
     edit_methods = edit_methods or list(p.methods[:1])
     mcfg = ModifyConfig(methods=edit_methods, split_threshold=p.static_threshold,

@@ -360,12 +360,12 @@ def cmd_heatmap(args) -> int:
     model = load_model_of(args)
     neurons, labels = [], []
     for i, (prompt, answer) in enumerate(zip(prompts, answers)):
-        target = model.target_ids(prompt, answer)  # the attribution's default target
+        target = model.target_ids(prompt, answer, args.target)
         p = float(answer_scores(model, [model.encode_prompt(prompt)], [target]).prob[0])
         kn: list = []
         if args.method != "none":
             attr = attribute(model, (prompt, answer), args.method, n_steps=args.n_steps,
-                             progress=False)
+                             target=args.target, progress=False)
             kn = sorted(knowledge_neurons(attr, args.threshold).neurons)
         neurons.append(kn)
         labels.append(f"q{i + 1}: {short_label(prompt, 40)} → {answer}")
@@ -389,7 +389,7 @@ def cmd_reproduce(args) -> int:
         known_per_relation=args.known_per_relation,
         max_queries_per_fact=args.max_queries_per_fact,
         methods=tuple(args.method) if args.method else None,
-        n_steps=args.n_steps, population=args.population,
+        n_steps=args.n_steps, target=args.target, population=args.population,
         modify=False if args.no_modify else None,
         attention=False if args.no_attention else None,
     )

@@ -181,6 +181,9 @@ def _reproduce_parser(sub: Any) -> argparse.ArgumentParser:
                    help=f"comma-separated: {method_list()} (default: the preset's; all)")
     p.add_argument("--n-steps", type=int, default=None,
                    help="integration steps (default: the preset's; 20)")
+    p.add_argument("--target", default=None, choices=["first", "all"],
+                   help="attribute the answer's first token, or the teacher-forced probability "
+                        "of the whole answer (default: the preset's, first)")
     p.add_argument("--population", default=None, choices=["known", "all"],
                    help="facts analysed (default: the preset's; known)")
     p.add_argument("--seed", type=int, default=0, help="draws of facts and unrelated queries")
@@ -295,6 +298,9 @@ def _heatmap_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--method", default="ig",
                    help=f"method localizing the KNs to circle ({method_list()}) or none")
     p.add_argument("--n-steps", type=int, default=20, help="integration steps (>= 2)")
+    p.add_argument("--target", default="first", choices=["first", "all"],
+                   help="attribute (and print P of) the answer's first token, or the "
+                        "teacher-forced probability of the whole answer")
     p.add_argument("--threshold", type=float, default=0.2,
                    help="knowledge neurons: attribution > threshold × max")
     p.add_argument("--neurons", type=int, default=64,

@@ -33,7 +33,7 @@ from .run import (
     seeded_rng,
     target_key,
 )
-from .units import Executor, Unit, run_units
+from .units import Executor, Unit, run_units, short_label
 
 log = logging.getLogger(__name__)
 
@@ -498,7 +498,8 @@ def heatmap_panels(model: Model, store: RunStore, run: RunFacts, cfg: AttentionC
     units = []
     for kind, (fact_id, qs) in pick_heatmap_facts(run, method).items():
         prompts = [str(q.prompt) for q in qs]
-        labels = [f"{kind} q{j + 1}: {str(q.prompt)[-40:]} → {q.answer}" for j, q in enumerate(qs)]
+        labels = [f"{kind} q{j + 1}: {short_label(str(q.prompt), 40)} → {q.answer}"
+                  for j, q in enumerate(qs)]
         neurons = [sorted(run.neurons.get((method, str(q.query_id)), [])) for q in qs]
         key = content_hash({"stage": "heatmaps", "model": model_fingerprint(model),
                             "prompts": prompts, "labels": labels, "neurons": neurons,

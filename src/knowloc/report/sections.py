@@ -60,10 +60,12 @@ def effective_configuration(config: dict[str, Any], queries: pd.DataFrame) -> st
     qpf = (f"{per_fact.min()}" if per_fact.min() == per_fact.max()
            else f"{per_fact.min()}–{per_fact.max()}") if len(per_fact) else "0"
     steps = config.get("fingerprint", {}).get("n_steps", loc.get("n_steps"))
+    target = ("whole answer (teacher-forced)" if loc.get("target") == "all"
+              else "first answer token")
     return (f"{n_rel} relation{'s' if n_rel != 1 else ''}, {len(per_fact)} facts, "
             f"{qpf} queries per fact ({queries['query_id'].nunique() if len(queries) else 0} "
             f"queries), {'/'.join(method_label(m).split(' ')[0] for m in methods)}, "
-            f"{steps} steps")
+            f"{steps} steps, target: {target}")
 
 
 def timing_text(timings: pd.DataFrame, last: dict[str, float]) -> str:
