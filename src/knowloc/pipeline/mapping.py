@@ -19,7 +19,7 @@ import pandas as pd
 from ..attribution import sort_methods
 from ..models import Model
 from ..store import RunStore, content_hash
-from .run import fact_queries, model_fingerprint, parse_threshold, read_run, target_key
+from .run import model_fingerprint, parse_threshold, read_run, split_fact_neurons, target_key
 from .units import Executor, Unit, run_units
 
 log = logging.getLogger(__name__)
@@ -137,27 +137,14 @@ def query_kn_mapping(
                    allow_partial=allow_partial)
     config = {k: v for k, v in cfg.as_dict().items() if k not in ("methods", "split_threshold")}
     units = []
-    for method in run.methods:
-        for fact in run.split[run.split["method"] == method].itertuples():
-            fq = fact_queries(run, method, fact.fact_id)
-            if fq.empty:
-                continue
-            sets = {str(q.query_id): run.neurons.get((method, str(q.query_id)), [])
-                    for q in fq.itertuples()}
-            key = content_hash({"stage": "query_kn_mapping", "model": model_fingerprint(model),
-                                "method": method,
-                                "queries": [(q.prompt, q.answer) for q in fq.itertuples()],
-                                "neurons": [sorted(sets[str(q.query_id)])
-                                            for q in fq.itertuples()],
-                                "config": config, **target_key(run.target)})
-            payload = MappingUnit(method, fact.relation, fact.fact_id,
-                                  tuple((str(q.query_id), str(q.prompt), str(q.answer))
-                                        for q in fq.itertuples()),
-                                  tuple((qid, tuple(ns)) for qid, ns in sets.items()),
-                                  cfg.suppress, cfg.enhance, run.target)
-            units.append(Unit(key, payload, f"{method} {fact.fact_id[:30]}",
-                              {"method": method, "relation": fact.relation,
-                               "fact_id": fact.fact_id}))
+    for fn in split_fact_neurons(run):
+        key = content_hash({"stage": "query_kn_mapping", "model": model_fingerprint(model),
+                            **fn.key_parts(), "config": config, **target_key(run.target)})
+        payload = MappingUnit(fn.method, fn.relation, fn.fact_id, fn.queries, fn.set_items(),
+                              cfg.suppress, cfg.enhance, run.target)
+        units.append(Unit(key, payload, f"{fn.method} {fn.fact_id[:30]}",
+                          {"method": fn.method, "relation": fn.relation,
+                           "fact_id": fn.fact_id}))
     stats = run_units(units, intervene_fact, store, model=model, marker="interventions",
                       consolidate={"interventions": INTERVENTION_SORT}, executor=executor,
                       desc="intervening", unit_name="fact", progress=progress)

@@ -28,11 +28,11 @@ from ..store import RunStore, content_hash
 from .run import (
     RunFacts,
     attribution_maps,
-    fact_queries,
     model_fingerprint,
     parse_threshold,
     read_run,
     seeded_rng,
+    split_fact_neurons,
     target_key,
     with_ident,
 )
@@ -316,58 +316,45 @@ def edit_units(model: Model, run: RunFacts, store: RunStore, cfg: ModifyConfig,
     scope = secrets.token_hex(8)
     attributions: dict[tuple[str, str], pd.DataFrame] | None = None
     units = []
-    for method in run.methods:
-        for fact in run.split[run.split["method"] == method].itertuples():
-            fq = fact_queries(run, method, fact.fact_id)
-            if fq.empty:
-                continue
-            for op in cfg.ops:
-                for set_kind in cfg.sets:
-                    first = fq.iloc[0]
-                    new_obj = (new_object(model, run.catalog, fact.relation, fact.fact_id,
-                                          first["prompt"], first["answer"], cfg.seed,
-                                          run.target)
-                               if op == "update" else None)
-                    loc_prompts, loc_ids, loc_kind = locality_pool(
-                        model, run.catalog, fact.fact_id, fact.relation, cfg.n_locality,
-                        cfg.seed)
-                    sets = {str(q.query_id): run.neurons.get((method, str(q.query_id)), [])
-                            for q in fq.itertuples()}
-                    key_parts: dict[str, Any] = {
-                        "stage": "modify", "model": model_fingerprint(model), "method": method,
-                        "queries": [(q.prompt, q.answer) for q in fq.itertuples()],
-                        "neurons": [sorted(sets[str(q.query_id)]) for q in fq.itertuples()],
-                        "op": op, "set": set_kind, "new_object": new_obj, "locality": loc_ids,
-                        "config": {k: v for k, v in cfg.as_dict().items()
-                                   if k not in ("ops", "sets", "methods", "split_threshold")
-                                   and not k.startswith("cas_")},
-                        "ppl": ppl_config, **target_key(run.target)}
-                    cas: list[tuple[int, int]] = []
-                    if set_kind == "cas":
-                        if attributions is None:
-                            attributions = attribution_maps(store, run.methods)
-                        cas = cas_set(attributions, run.neurons, method, list(sets),
-                                      model.n_layers, model.d_mlp, beta1=cfg.cas_beta1,
-                                      beta2=cfg.cas_beta2, threshold=cfg.cas_threshold)
-                        key_parts["cas"] = {"neurons": cas, "beta1": cfg.cas_beta1,
-                                            "beta2": cfg.cas_beta2,
-                                            "threshold": cfg.cas_threshold}
-                    key = content_hash(key_parts)
-                    payload = EditUnit(
-                        key=key, scope=scope, method=method, relation=fact.relation,
-                        fact_id=fact.fact_id, op=op, set_kind=set_kind,
-                        queries=tuple((str(q.query_id), str(q.prompt), str(q.answer))
-                                      for q in fq.itertuples()),
-                        sets=tuple((qid, tuple(ns)) for qid, ns in sets.items()),
-                        cas=tuple(cas), new_object=new_obj, locality=tuple(loc_prompts),
-                        locality_ids=tuple(loc_ids), locality_kind=loc_kind,
-                        lambda1=cfg.lambda1, lambda2=cfg.lambda2, update_sign=cfg.update_sign,
-                        gen_on=cfg.gen_on, ppl=ppl, target=run.target)
-                    units.append(Unit(key, payload,
-                                      f"{method} {op} {set_kind} {fact.fact_id[:30]}",
-                                      {"method": method, "relation": fact.relation,
-                                       "fact_id": fact.fact_id, "op": op,
-                                       "set": set_kind}))
+    for fn in split_fact_neurons(run):
+        for op in cfg.ops:
+            for set_kind in cfg.sets:
+                _, first_prompt, first_answer = fn.queries[0]
+                new_obj = (new_object(model, run.catalog, fn.relation, fn.fact_id,
+                                      first_prompt, first_answer, cfg.seed, run.target)
+                           if op == "update" else None)
+                loc_prompts, loc_ids, loc_kind = locality_pool(
+                    model, run.catalog, fn.fact_id, fn.relation, cfg.n_locality, cfg.seed)
+                key_parts: dict[str, Any] = {
+                    "stage": "modify", "model": model_fingerprint(model), **fn.key_parts(),
+                    "op": op, "set": set_kind, "new_object": new_obj, "locality": loc_ids,
+                    "config": {k: v for k, v in cfg.as_dict().items()
+                               if k not in ("ops", "sets", "methods", "split_threshold")
+                               and not k.startswith("cas_")},
+                    "ppl": ppl_config, **target_key(run.target)}
+                cas: list[tuple[int, int]] = []
+                if set_kind == "cas":
+                    if attributions is None:
+                        attributions = attribution_maps(store, run.methods)
+                    cas = cas_set(attributions, run.neurons, fn.method, list(fn.sets),
+                                  model.n_layers, model.d_mlp, beta1=cfg.cas_beta1,
+                                  beta2=cfg.cas_beta2, threshold=cfg.cas_threshold)
+                    key_parts["cas"] = {"neurons": cas, "beta1": cfg.cas_beta1,
+                                        "beta2": cfg.cas_beta2,
+                                        "threshold": cfg.cas_threshold}
+                key = content_hash(key_parts)
+                payload = EditUnit(
+                    key=key, scope=scope, method=fn.method, relation=fn.relation,
+                    fact_id=fn.fact_id, op=op, set_kind=set_kind, queries=fn.queries,
+                    sets=fn.set_items(),
+                    cas=tuple(cas), new_object=new_obj, locality=tuple(loc_prompts),
+                    locality_ids=tuple(loc_ids), locality_kind=loc_kind,
+                    lambda1=cfg.lambda1, lambda2=cfg.lambda2, update_sign=cfg.update_sign,
+                    gen_on=cfg.gen_on, ppl=ppl, target=run.target)
+                units.append(Unit(key, payload,
+                                  f"{fn.method} {op} {set_kind} {fn.fact_id[:30]}",
+                                  {"method": fn.method, "relation": fn.relation,
+                                   "fact_id": fn.fact_id, "op": op, "set": set_kind}))
     return units
 
 

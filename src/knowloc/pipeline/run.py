@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,6 +178,40 @@ def fact_queries(run: RunFacts, method: str, fact_id: str) -> pd.DataFrame:
     """The run's queries of one fact for one method, by query id."""
     q = run.queries
     return q[(q["method"] == method) & (q["fact_id"] == fact_id)].sort_values("query_id")
+
+
+@dataclass(frozen=True)
+class FactNeurons:
+    """One fact of the run's split under one method: its queries and their neuron sets."""
+
+    method: str
+    relation: str
+    fact_id: str
+    queries: tuple[tuple[str, str, str], ...]  # (query_id, prompt, answer), by query id
+    sets: dict[str, list[tuple[int, int]]]  # query_id -> N_i
+
+    def key_parts(self) -> dict[str, Any]:
+        """What a unit key hashes of it: the method, the queries and their neuron sets."""
+        return {"method": self.method, "queries": [(p, a) for _, p, a in self.queries],
+                "neurons": [sorted(self.sets[qid]) for qid, _, _ in self.queries]}
+
+    def set_items(self) -> tuple[tuple[str, tuple[tuple[int, int], ...]], ...]:
+        """The neuron sets as a unit payload holds them."""
+        return tuple((qid, tuple(ns)) for qid, ns in self.sets.items())
+
+
+def split_fact_neurons(run: RunFacts) -> Iterator[FactNeurons]:
+    """Every (method, fact) of the run's K_I/K_II split that has queries, in method then
+    split order: what the modification and mapping stages make their units of."""
+    for method in run.methods:
+        for fact in run.split[run.split["method"] == method].itertuples():
+            fq = fact_queries(run, method, str(fact.fact_id))
+            if fq.empty:
+                continue
+            queries = tuple((str(q.query_id), str(q.prompt), str(q.answer))
+                            for q in fq.itertuples())
+            yield FactNeurons(method, str(fact.relation), str(fact.fact_id), queries,
+                              {qid: run.neurons.get((method, qid), []) for qid, _, _ in queries})
 
 
 # ---------------------------------------------------------------- attribution maps
