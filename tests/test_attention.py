@@ -26,6 +26,7 @@ from knowloc.interventions.attention import (
     record_attention,
     scale_attention,
     synapse_effect,
+    synapse_effects,
     synapse_experiment,
 )
 from knowloc.synapses import (
@@ -586,3 +587,41 @@ def test_gemma_own_synapses_matter_more_than_unrelated_ones(gemma, gemma_known):
     print(f"\nwithout position 0: |dP|/P own {own.mean():.4f} unrelated {irr.mean():.4f} "
           f"(per fact own {np.round(own, 3).tolist()} unrelated {np.round(irr, 3).tolist()})")
     assert own.mean() > irr.mean()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_synapse_effects_share_one_unscaled_forward(models, arch):
+    """Several manipulations on several neuron sets: one unscaled forward plus one per
+    manipulation, each number equal to the manipulation done by hand."""
+    m = models[arch]
+    ids = m.encode_prompt(PROMPT)
+    answer = m.answer_ids(PROMPT, "portuguese")[:1]
+    syn = knowledge_synapses(attention_map(m, PROMPT))
+    other = knowledge_synapses(attention_map(m, PROMPT), exclude_first=True)
+    variants = [(syn, 0.0), (syn, 2.0), (other, 0.0)]
+    sets = [[(0, 1), (2, 5)], [(1, 7)], []]
+    calls = []
+    handle = m.base_model().register_forward_hook(lambda *a: calls.append(1))
+    try:
+        effects = synapse_effects(m, ids, answer, variants, sets)
+    finally:
+        handle.remove()
+    assert len(calls) == 1 + len(variants)
+    with eager_attention(m):
+        acts_b = m.activations(ids)
+        p_b = float(m.next_token_probs([ids])[0, answer[0]])
+        for (s_v, factor), by_set in zip(variants, effects):
+            with scale_attention(m, s_v, factor):
+                acts_a = m.activations(ids)
+                p_a = float(m.next_token_probs([ids])[0, answer[0]])
+            for kns, e in zip(sets, by_set):
+                assert e.factor == factor and e.n_neurons == len(kns)
+                assert e.prob_before == pytest.approx(p_b, rel=1e-6)
+                assert e.prob_after == pytest.approx(p_a, rel=1e-6)
+                if kns:
+                    assert e.value_before == pytest.approx(mean_activation(acts_b, kns),
+                                                           rel=1e-5, abs=1e-6)
+                    assert e.value_after == pytest.approx(mean_activation(acts_a, kns),
+                                                          rel=1e-5, abs=1e-6)
+                else:
+                    assert math.isnan(e.value_before)

@@ -98,6 +98,7 @@ __all__ = [
     "record_attention",
     "scale_attention",
     "synapse_effect",
+    "synapse_effects",
     "synapse_experiment",
 ]
 
@@ -478,22 +479,45 @@ def synapse_effect(
     rows only and ΔValue reads the activations at the last prompt position. ``neurons``: the
     query's knowledge neurons. Both runs happen under eager attention.
     """
-    ids = _ids(model, prompt)
     if isinstance(answer, str):
         if not isinstance(prompt, str):
             raise ConfigError("give the answer as token ids when the prompt is token ids")
         answer_ids = model.target_ids(prompt, answer, target)
     else:
         answer_ids = [int(answer)] if isinstance(answer, int) else [int(t) for t in answer]
-    triples = as_synapses(synapses)
-    kept = [s for s in triples if s[0] < len(ids)]
-    kns = list(neurons)
+    return synapse_effects(model, _ids(model, prompt), answer_ids, [(synapses, factor)],
+                           [neurons], rows=rows)[0][0]
+
+
+def synapse_effects(
+    model: Model,
+    prompt_ids: Sequence[int],
+    answer_ids: Sequence[int],
+    variants: Sequence[tuple[SynapseSet | Iterable[Synapse], float]],
+    neuron_sets: Sequence[Iterable[tuple[int, int]]],
+    *,
+    rows: Rows = "all",
+) -> list[list[SynapseEffect]]:
+    """:func:`synapse_effect` of several (synapses, factor) manipulations of one query, each
+    read on several neuron sets: ``result[v][s]`` is variant ``v`` on ``neuron_sets[s]``.
+
+    One forward without manipulation and one per variant (not two per variant and neuron
+    set); each number is the one :func:`synapse_effect` gives for that pair.
+    """
+    ids = list(prompt_ids)
+    sets = [list(ns) for ns in neuron_sets]
+    out: list[list[SynapseEffect]] = []
     with eager_attention(model):
         acts_b, p_b = activations_and_answer(model, ids, answer_ids)
-        with scale_attention(model, kept, factor, rows=rows, last=len(ids) - 1):
-            acts_a, p_a = activations_and_answer(model, ids, answer_ids)
-    return measure_effect(factor, kns, acts_b, acts_a, p_b, p_a, n_synapses=len(kept),
-                          n_clipped=len(triples) - len(kept))
+        for synapses, factor in variants:
+            triples = as_synapses(synapses)
+            kept = [s for s in triples if s[0] < len(ids)]
+            with scale_attention(model, kept, factor, rows=rows, last=len(ids) - 1):
+                acts_a, p_a = activations_and_answer(model, ids, answer_ids)
+            out.append([measure_effect(factor, kns, acts_b, acts_a, p_b, p_a,
+                                       n_synapses=len(kept), n_clipped=len(triples) - len(kept))
+                        for kns in sets])
+    return out
 
 
 def synapse_experiment(

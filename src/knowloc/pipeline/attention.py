@@ -139,7 +139,7 @@ class AttentionUnit:
 def attend_fact(model: Model, unit: AttentionUnit) -> dict[str, pd.DataFrame]:
     """Predominance, synapses and synapse manipulations of one fact's queries (ΔProb of
     the teacher-forced target tokens in ``unit.target`` mode)."""
-    from ..interventions.attention import attention_map, eager_attention, synapse_effect
+    from ..interventions.attention import attention_map, eager_attention, synapse_effects
     from ..synapses import knowledge_synapses, most_attended, predominance_both
 
     rows: Any = unit.rows  # "all" or "last", checked by AttentionConfig.validate
@@ -178,27 +178,32 @@ def attend_fact(model: Model, unit: AttentionUnit) -> dict[str, pd.DataFrame]:
                 "n_synapses_no_first": len(own[False]),
                 "irrelevant_query_id": irr[0] if irr else None,
             })
+            labels, variants = [], []
             for first in (True, False):
                 sets = {"self": own[first]}
                 if irr_sets:
                     sets["irrelevant"] = irr_sets[first]  # clipped to the prompt by the effect
                 for name, syn in sets.items():
                     for op, factor in ops:
-                        for method, by_q in kns.items():
-                            ns = list(by_q.get(qid, ()))
-                            e = synapse_effect(model, ids, target, syn, factor, ns, rows=rows)
-                            erows.append({
-                                "method": method, "relation": unit.relation,
-                                "fact_id": unit.fact_id, "query_id": qid, "known": known,
-                                "first": first, "synapses": name, "operation": op,
-                                "factor": e.factor, "n_synapses": e.n_synapses,
-                                "n_clipped": e.n_clipped, "n_neurons": e.n_neurons,
-                                "value_before": e.value_before, "value_after": e.value_after,
-                                "prob_before": e.prob_before, "prob_after": e.prob_after,
-                                "delta_value": e.delta_value, "delta_prob": e.delta_prob,
-                                "irrelevant_query_id": irr[0] if name == "irrelevant" and irr
-                                else None,
-                            })
+                        labels.append((first, name, op))
+                        variants.append((syn, factor))
+            methods = list(kns)
+            effects = synapse_effects(model, ids, target, variants,
+                                      [kns[m].get(qid, ()) for m in methods], rows=rows)
+            for (first, name, op), by_method in zip(labels, effects):
+                for method, e in zip(methods, by_method):
+                    erows.append({
+                        "method": method, "relation": unit.relation,
+                        "fact_id": unit.fact_id, "query_id": qid, "known": known,
+                        "first": first, "synapses": name, "operation": op,
+                        "factor": e.factor, "n_synapses": e.n_synapses,
+                        "n_clipped": e.n_clipped, "n_neurons": e.n_neurons,
+                        "value_before": e.value_before, "value_after": e.value_after,
+                        "prob_before": e.prob_before, "prob_after": e.prob_after,
+                        "delta_value": e.delta_value, "delta_prob": e.delta_prob,
+                        "irrelevant_query_id": irr[0] if name == "irrelevant" and irr
+                        else None,
+                    })
     both = predominance_both(maps)
     prows = [{"relation": unit.relation, "fact_id": unit.fact_id, "first": key == "with_first",
               "P": pr.score, "token": None if pr.token is None else str(pr.token),
