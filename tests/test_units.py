@@ -137,7 +137,7 @@ def test_screening_waves_screen_the_facts_a_sequential_loop_would(tmp_path, monk
 
     monkeypatch.setattr(loc, "screen_fact", fake_screen)
     model = SimpleNamespace(name="fake", adapter=SimpleNamespace(name="fake"), dtype="float32",
-                            n_layers=1, d_mlp=1)
+                            n_layers=1, d_mlp=1, target_ids=lambda prompt, answer, target: [0])
     table = loc.screen(model, facts, RunStore(tmp_path / "run"), progress=False,  # type: ignore[arg-type]
                        known_per_relation=quota, max_per_relation=cap)
     assert set(table["fact_id"]) == _sequential(facts, known, quota, cap)
