@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import pickle
 import struct
 from collections.abc import Callable, Sequence
@@ -310,6 +311,20 @@ class _StaircasePatch:
         return torch.cat([keep, new])
 
 
+def _grad_scale(g_hidden: torch.Tensor, dtype: torch.dtype) -> float:
+    """The power of two that ``g_hidden`` is multiplied by before a backward pass in
+    ``dtype`` (and the gradients divided by after it): 1, except in float16, whose smallest
+    value is ~6e-8, where it brings the largest |dP/dh| to [1, 2). Without it, dP/dh of an
+    answer with P ~ 1e-8 rounds to 0 in float16 and so does its whole map (bfloat16 has
+    float32's exponent range and needs no scaling)."""
+    if dtype != torch.float16:
+        return 1.0
+    top = float(g_hidden.abs().max())
+    if not 0 < top < math.inf:
+        return 1.0
+    return 2.0 ** -math.floor(math.log2(top))
+
+
 def _answer_head(model: Model, hidden: torch.Tensor, targets: Sequence[int], max_rows: int,
                  argmax_row: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """P(answer) ``[n]`` of teacher-forced rows ``hidden`` ``[n, len(targets), d_model]``,
@@ -369,7 +384,11 @@ def _attribute_one(
                                       max_head_rows)[1]
                 g_hidden = torch.cat([torch.zeros_like(g_rest[:1]), g_rest])
             inputs = list(patch.leaves.values()) + list(patch.zeros.values())
-            grads = torch.autograd.grad(hidden, inputs, grad_outputs=g_hidden.to(hidden.dtype))
+            scale = _grad_scale(g_hidden, hidden.dtype)
+            grads = torch.autograd.grad(hidden, inputs,
+                                        grad_outputs=(g_hidden * scale).to(hidden.dtype))
+            if scale != 1:  # exact: a power of two, undone in the work dtype
+                grads = tuple(g.to(work) / scale for g in grads)
         n_leaves = len(patch.leaves)
         for layer, g in zip(patch.leaves, grads[:n_leaves]):
             grad_sum[:, layer].index_add_(0, patch.idx[layer] // (m - 1), g.to(work))
