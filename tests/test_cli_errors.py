@@ -153,23 +153,27 @@ def test_quiet_after_the_subcommand_runs(capsys):
     assert "gemma3-270m" in capsys.readouterr().out
 
 
-def test_float16_overflow_is_explained(capsys, monkeypatch):
-    """A model whose float16 activations overflow: one line that names the cause and the
-    fix, not the adapter self-check's 'not the down projection'."""
+def test_float16_overflow_is_explained(capsys, tmp_path):
+    """A model whose float16 activations overflow (embeddings beyond 65504): one line that
+    names the cause and the fix, not the adapter self-check's 'not the down projection',
+    from the library and the CLI alike; float32 loads the same weights."""
     import torch
+    from tiny import tiny_model
 
-    import knowloc.models
+    from knowloc.errors import ModelError
+    from knowloc.models import load_model
 
-    class Overflowing:
-        def next_token_probs(self, prompts):
-            return torch.full((1, 4), float("nan"))
-
-    def load(name, *, device, dtype, check):
-        assert dtype == "float16" and check is False  # the self-check runs after the probe
-        return Overflowing()
-
-    monkeypatch.setattr(knowloc.models, "load_model", load)
-    line = cli_error(capsys, ["-q", "localize", "--dtype", "float16", *ONE])
+    m = tiny_model("llama")
+    with torch.no_grad():
+        m.hf.get_input_embeddings().weight.mul_(1e6)
+    d = tmp_path / "overflowing"
+    m.hf.save_pretrained(d)
+    m.tokenizer.save_pretrained(d)
+    with pytest.raises(ModelError, match="does not run in float16.*bfloat16"):
+        load_model(str(d), dtype="float16")
+    load_model(str(d), dtype="float32")
+    line = cli_error(capsys, ["-q", "localize", "--model", str(d), "--dtype", "float16",
+                              "--prompt", "paris is the capital of", "--answer", "france"])
     assert "does not run in float16" in line and "bfloat16" in line
 
 

@@ -31,17 +31,7 @@ def load_model_of(args) -> Any:
     from .. import models
 
     t = time.time()
-    half = args.dtype == "float16"
-    model = models.load_model(args.model, device=args.device, dtype=args.dtype, check=not half)
-    if half:
-        import torch
-
-        probs = model.next_token_probs(["The capital of France is"])
-        if not bool(torch.isfinite(probs).all()):
-            raise ConfigError(f"{args.model} does not run in float16: its activations exceed "
-                              "float16's range (65504) and become inf/nan; use --dtype "
-                              "bfloat16 (float32's range) or float32")
-        model.self_check()
+    model = models.load_model(args.model, device=args.device, dtype=args.dtype)
     loaded = (f"loaded {args.model} ({model.adapter.name}, {model.n_layers} layers x "
               f"{model.d_mlp} neurons) in {time.time() - t:.1f} s")
     say(loaded)

@@ -362,6 +362,11 @@ class Model:
             return h
 
         base = forward.next_token_logits(self, ids, act_fn=shape)[0]
+        if not bool(torch.isfinite(base).all()):
+            dtype = str(self.dtype).removeprefix("torch.")
+            raise ModelError(
+                f"{self.name} does not run in {dtype}: its activations exceed {dtype}'s range "
+                "and become inf/nan; use --dtype bfloat16 (float32's range) or float32")
         expect = (1, ids.shape[1], self.d_mlp)
         bad = {k: v for k, v in seen.items() if v != expect}
         if len(seen) != self.n_layers or bad:
