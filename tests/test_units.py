@@ -141,3 +141,25 @@ def test_screening_waves_screen_the_facts_a_sequential_loop_would(tmp_path, monk
     table = loc.screen(model, facts, RunStore(tmp_path / "run"), progress=False,  # type: ignore[arg-type]
                        known_per_relation=quota, max_per_relation=cap)
     assert set(table["fact_id"]) == _sequential(facts, known, quota, cap)
+
+
+def test_screening_in_waves_logs_one_summary_line(facts_file, tmp_path, caplog):
+    """Screening with a quota runs in waves; the stage still says one summary line (what
+    ``-q`` shows), counting every wave."""
+    import logging
+
+    from tiny import tiny_model
+
+    from knowloc.data import load_facts
+
+    facts = load_facts(f"jsonl:{facts_file}")
+    model = tiny_model("llama")
+    with caplog.at_level(logging.INFO, logger="knowloc"):
+        table = loc.screen(model, facts, RunStore(tmp_path / "run"), progress=False,
+                           known_per_relation=1)
+    lines = [r.getMessage() for r in caplog.records if getattr(r, "summary", False)]
+    n = table["fact_id"].nunique()
+    waves = table.groupby("relation")["fact_id"].nunique().max()
+    assert waves > 1  # the tiny model knows (almost) nothing: one wave per fact
+    assert len(lines) == 1 and lines[0].startswith(f"screening ({waves} waves): {n} facts, "
+                                                   f"{n} computed, 0 already done, "), lines

@@ -36,7 +36,17 @@ from ..models.forward import answer_scores
 from ..neurons import Selection, neurons_frame
 from ..store import RunStore, content_hash
 from .run import MAPS, map_frame, model_fingerprint, read_map, record_target, target_key, with_ident
-from .units import Compute, Executor, LocalExecutor, Tables, Unit, run_units, short_label
+from .units import (
+    Compute,
+    Executor,
+    LocalExecutor,
+    Tables,
+    Unit,
+    UnitStats,
+    log_summary,
+    run_units,
+    short_label,
+)
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +148,8 @@ def screen(model: Model, facts: FactSet, store: RunStore, *, progress: bool = Tr
     pos = dict.fromkeys(by_rel, 0)
     known = dict.fromkeys(by_rel, 0)
     screened: list[str] = []
-    wave = 0
+    wave = computed = 0
+    t0 = time.time()
     while True:
         batch: list[Fact] = []
         for rel, fs in by_rel.items():
@@ -154,15 +165,19 @@ def screen(model: Model, facts: FactSet, store: RunStore, *, progress: bool = Tr
         units = [Unit(screen_key(model, f, target), ScreenUnit(f, target),
                       f"{f.relation} {f.fact_id}",
                       {"relation": f.relation, "fact_id": f.fact_id}) for f in batch]
-        run_units(units, screen_fact, store, model=model, marker="screen", executor=executor,
-                  desc="screening" if wave == 1 else f"screening (wave {wave})",
-                  unit_name="fact", progress=progress)
+        stats = run_units(units, screen_fact, store, model=model, marker="screen",
+                          executor=executor,
+                          desc="screening" if wave == 1 else f"screening (wave {wave})",
+                          unit_name="fact", progress=progress, summary=False)
+        computed += stats.computed
         screened += [u.key for u in units]
         for unit, fact in zip(units, batch):
             part = store.get("screen", unit.key)
             if bool(part.loc[part["fact_id"] == fact.fact_id, "known"].any()):
                 known[fact.relation] += 1
     store.set_current("screen", screened)  # every wave's facts
+    log_summary(f"screening ({wave} wave{'s' if wave != 1 else ''})", "fact",
+                UnitStats(computed, len(screened) - computed, time.time() - t0), len(screened))
     table = store.table("screen")
     ids = {q.query_id for q in facts.queries()}
     return table[table["query_id"].isin(ids)].reset_index(drop=True)

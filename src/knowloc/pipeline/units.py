@@ -108,6 +108,7 @@ def run_units(
     unit_name: str = "unit",
     progress: bool = True,
     resume: bool = True,
+    summary: bool = True,
 ) -> UnitStats:
     """Compute the units not done yet, write their parts, consolidate the named tables.
 
@@ -115,7 +116,9 @@ def run_units(
     is computed again and its parts replaced). ``consolidate`` maps a table to the columns
     its consolidated file is stably sorted by (``None``: part order). The keys of ``units``
     become the current keys of the marker and of the consolidated tables, which then hold
-    exactly these units' rows. ``model`` is only handed to the executor.
+    exactly these units' rows. ``model`` is only handed to the executor. ``summary``: log
+    the stage's one summary line (:func:`summary_line`; a stage that calls this several
+    times logs its own).
     """
     t0 = time.time()
     groups: dict[str, list[Unit]] = {}
@@ -139,8 +142,14 @@ def run_units(
             if store.done_keys(table):
                 store.consolidate(table, sort_by=list(sort) if sort else None)
     stats = UnitStats(len(units) - n_done, n_done, time.time() - t0)
-    log.info("%s", summary_line(desc, unit_name, stats, len(units)), extra={"summary": True})
+    if summary:
+        log_summary(desc, unit_name, stats, len(units))
     return stats
+
+
+def log_summary(desc: str, unit_name: str, stats: UnitStats, n_units: int) -> None:
+    """Log a stage's summary line, which the CLI shows even with ``-q``."""
+    log.info("%s", summary_line(desc, unit_name, stats, n_units), extra={"summary": True})
 
 
 def summary_line(desc: str, unit_name: str, stats: UnitStats, n_units: int) -> str:
