@@ -50,7 +50,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from throughput import pick_queries  # the sibling benchmark script
+from throughput import pick_queries, print_table  # the sibling benchmark script
 
 from knowloc import Attribution, attribute, load_model
 from knowloc.errors import ModelError
@@ -201,14 +201,6 @@ def table(report: dict[str, Any]) -> list[dict[str, Any]]:
                     "known": f"{s['known_agrees']}/{s['queries']}",
                 })
     return rows
-
-
-def print_table(rows: list[dict[str, Any]]) -> None:
-    cols = list(rows[0])
-    width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
-    print("  " + "  ".join(c.ljust(width[c]) for c in cols))
-    for r in rows:
-        print("  " + "  ".join(str(r[c]).ljust(width[c]) for c in cols))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
