@@ -57,7 +57,8 @@ import yaml
 
 from knowloc.errors import RunBusyError, RunError
 
-__all__ = ["RunStore", "content_hash", "environment_info", "knowloc_version", "to_plain"]
+__all__ = ["RunStore", "atomic_write_text", "content_hash", "environment_info", "knowloc_version",
+           "to_plain"]
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +273,8 @@ def _atomic_write(path: Path, write: Callable[[Path], object], *, fsync: bool = 
         raise
 
 
-def _atomic_write_text(path: Path, text: str, *, fsync: bool = True) -> None:
+def atomic_write_text(path: Path, text: str, *, fsync: bool = True) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (its folder is created when missing)."""
     _atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"), fsync=fsync)
 
 
@@ -391,7 +393,7 @@ class RunStore:
                         f"({diff}); pick another --out or pass --overwrite"
                     )
         text = yaml.safe_dump(plain, sort_keys=False, allow_unicode=True, default_flow_style=False)
-        _atomic_write_text(cfg_path, text, fsync=self.fsync)
+        atomic_write_text(cfg_path, text, fsync=self.fsync)
 
     def read_config(self) -> dict:
         """Read ``config.yaml``; RunError if it is missing or unreadable."""
@@ -426,7 +428,7 @@ class RunStore:
         data = self.read_env()
         data["runs"].append(to_plain(env))
         text = json.dumps(data, indent=2, ensure_ascii=False, allow_nan=True) + "\n"
-        _atomic_write_text(self.root / ENV_FILE, text, fsync=self.fsync)
+        atomic_write_text(self.root / ENV_FILE, text, fsync=self.fsync)
 
     # ---------------------------------------------------------------- work units
     def tables(self) -> list[str]:
@@ -470,7 +472,7 @@ class RunStore:
         path = tdir / CURRENT_FILE
         if path.exists() and path.read_text(encoding="utf-8") == text:
             return  # a rerun of the same configuration leaves the directory untouched
-        _atomic_write_text(path, text, fsync=self.fsync)
+        atomic_write_text(path, text, fsync=self.fsync)
 
     def current_keys(self, table: str) -> set[str] | None:
         """The keys of ``table``'s current configuration; None when it has no key list
@@ -515,7 +517,7 @@ class RunStore:
                     f"last digits, so set OMP_NUM_THREADS={stored} (or call "
                     f"torch.set_num_threads({stored})) to continue it, or pick another --out")
             return
-        _atomic_write_text(path, json.dumps({"torch_threads": n_threads}) + "\n",
+        atomic_write_text(path, json.dumps({"torch_threads": n_threads}) + "\n",
                            fsync=self.fsync)
 
     @contextlib.contextmanager

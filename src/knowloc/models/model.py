@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -478,12 +477,10 @@ def _still_there(text_key: str) -> bool:
 
 def _write_hash_cache(path: Path, cache: dict[str, Any]) -> None:
     """Write the digest cache atomically; a cache that cannot be written is only logged."""
+    from ..store import atomic_write_text  # (the store imports pandas: only when writing)
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(cache, out, indent=0, sort_keys=True)
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(cache, indent=0, sort_keys=True), fsync=False)
     except OSError as exc:
         log.debug("cannot write the weights digest cache %s: %s", path, exc)
 
