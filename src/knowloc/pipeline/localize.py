@@ -411,15 +411,14 @@ def localize(
     another neuron selection on a run with maps computes no attribution.
     """
     check_targets(model, facts.queries(), cfg.target)
-    units = [
-        Unit(unit_key(model, q, acfg, cfg.selection, cfg.keep_top),
-             LocalizeUnit(q, acfg, cfg.selection, cfg.keep_top, cfg.internal_batch_size,
-                          cfg.memory_budget_gb, map_key(model, q, acfg)),
-             f"{acfg.method} {q.relation} {short_label(q.prompt, 30)}",
-             {"method": acfg.method, "relation": q.relation, "fact_id": q.fact_id,
-              "query_id": q.query_id})
-        for acfg in cfg.attribution_configs() for q in facts.queries()
-    ]
+    units = []
+    for acfg in cfg.attribution_configs():
+        for q in facts.queries():
+            payload = LocalizeUnit(q, acfg, cfg.selection, cfg.keep_top, cfg.internal_batch_size,
+                                   cfg.memory_budget_gb, map_key(model, q, acfg))
+            units.append(Unit(unit_key(model, q, acfg, cfg.selection, cfg.keep_top), payload,
+                              f"{acfg.method} {q.relation} {short_label(q.prompt, 30)}",
+                              payload.ident))
     before = store.current_keys("queries")
     if before is not None and before != {u.key for u in units}:
         retire_downstream(store)
