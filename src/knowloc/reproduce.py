@@ -99,7 +99,7 @@ def resolve_preset(name: str, dataset: str | None = None, **overrides: Any) -> P
     if preset.dataset == "pararel":
         raise ConfigError(
             f"preset {name!r} runs on ParaRel: give --dataset pararel:<dir> "
-            "(e.g. pararel:../shared/data/pararel)"
+            "(e.g. pararel:data/pararel; see docs/data.md to get ParaRel)"
         )
     overrides = {k: v for k, v in overrides.items() if v is not None}
     return replace(preset, **overrides)
