@@ -16,7 +16,7 @@ import pytest
 from knowloc.errors import RunError
 from knowloc.store import RunStore, content_hash, environment_info
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def unit_frame(i: int) -> pd.DataFrame:

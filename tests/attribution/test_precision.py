@@ -18,7 +18,7 @@ from knowloc import attribute, load_model
 from knowloc.attribution import auto_batch_size
 from knowloc.models import Model, wrap
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "precision.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "precision.py"
 PROMPT, ANSWER = "the official language of brazil is", "portuguese"
 
 #: The bounds the README documents for bfloat16 against float32 (means over queries).

@@ -88,7 +88,7 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def cluster():
-    path = os.pathsep.join([str(HERE), *sys.path])  # workers import toy_compute from here
+    path = os.pathsep.join([str(HERE), str(HERE.parent), *sys.path])  # workers import toy_compute from here
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
     yield ray.get_runtime_context().gcs_address  # for drivers in other processes
     ray.shutdown()

@@ -11,7 +11,7 @@ import pytest
 from knowloc.data import Fact, FactSet, Query, load_facts, normalize_template, pararel_relations
 from knowloc.errors import ConfigError, DataError, KnowlocError
 
-PARAREL = Path(__file__).resolve().parents[2] / "shared" / "data" / "pararel"
+PARAREL = Path(__file__).resolve().parents[3] / "shared" / "data" / "pararel"
 
 
 def _needs_pararel() -> None:

@@ -248,5 +248,5 @@ def test_version(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out.strip()
     assert out.startswith(f"knowloc {__version__}")
-    if (Path(__file__).resolve().parents[1] / ".git").exists():
+    if (Path(__file__).resolve().parents[2] / ".git").exists():
         assert re.fullmatch(rf"knowloc {re.escape(__version__)} \(\S+\)", out), out
