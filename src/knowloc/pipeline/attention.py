@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -24,14 +24,15 @@ from ..attribution import sort_methods
 from ..data import natural_key
 from ..errors import ConfigError, DataError
 from ..models import Model
-from ..store import RunStore, content_hash
+from ..store import RunStore
 from .run import (
     RunFacts,
-    model_fingerprint,
+    key_config,
     parse_threshold,
     read_run,
     seeded_rng,
     target_key,
+    unit_key,
 )
 from .units import Executor, Unit, run_units, short_label
 
@@ -73,6 +74,14 @@ class AttentionConfig:
             raise ConfigError("heatmap_neurons must be >= 1")
         self.split_threshold = parse_threshold(self.split_threshold)
         return self
+
+    #: Fields that choose which units exist or how they are shown, not what one computes.
+    UNKEYED: ClassVar[tuple[str, ...]] = ("methods", "split_threshold", "only_known",
+                                          "heatmap_neurons")
+
+    def key_config(self) -> dict[str, Any]:
+        """The fields that key the stage's units (:func:`~knowloc.pipeline.run.key_config`)."""
+        return key_config(self, self.UNKEYED)
 
     def as_dict(self) -> dict[str, Any]:
         return {"methods": list(self.methods) if self.methods else None,
@@ -215,8 +224,7 @@ def attend_fact(model: Model, unit: AttentionUnit) -> dict[str, pd.DataFrame]:
 def attention_units(model: Model, run: RunFacts, cfg: AttentionConfig) -> list[Unit]:
     """One unit per fact of the run's split."""
     facts = run.split.drop_duplicates("fact_id")[["fact_id", "relation"]]
-    config = {k: v for k, v in cfg.as_dict().items()
-              if k not in ("methods", "split_threshold", "only_known", "heatmap_neurons")}
+    config = cfg.key_config()
     units = []
     for fact in facts.itertuples():
         fq = (run.queries[(run.queries["fact_id"] == fact.fact_id)
@@ -228,11 +236,9 @@ def attention_units(model: Model, run: RunFacts, cfg: AttentionConfig) -> list[U
         kns = {m: {q: sorted(run.neurons.get((m, q), [])) for q in qids} for m in run.methods}
         irr = {q: irrelevant_query(run.catalog, fact.relation, fact.fact_id, q, cfg.seed)
                for q in qids}
-        key = content_hash({"stage": "attention", "model": model_fingerprint(model),
-                            "queries": [(q.prompt, q.answer, bool(q.known))
-                                        for q in fq.itertuples()],
-                            "neurons": kns, "irrelevant": irr, "config": config,
-                            **target_key(run.target)})
+        key = unit_key(model, "attention",
+                       queries=[(q.prompt, q.answer, bool(q.known)) for q in fq.itertuples()],
+                       neurons=kns, irrelevant=irr, config=config, **target_key(run.target))
         payload = AttentionUnit(
             fact_id=fact.fact_id, relation=fact.relation,
             queries=tuple((str(q.query_id), str(q.prompt), str(q.answer), bool(q.known))
@@ -506,10 +512,9 @@ def heatmap_panels(model: Model, store: RunStore, run: RunFacts, cfg: AttentionC
         labels = [f"{kind} q{j + 1}: {short_label(str(q.prompt), 40)} → {q.answer}"
                   for j, q in enumerate(qs)]
         neurons = [sorted(run.neurons.get((method, str(q.query_id)), [])) for q in qs]
-        key = content_hash({"stage": "heatmaps", "model": model_fingerprint(model),
-                            "prompts": prompts, "labels": labels, "neurons": neurons,
-                            "alpha": cfg.alpha, "rows": cfg.rows, "n": cfg.heatmap_neurons,
-                            "factors": [CONDITIONS["suppress"], CONDITIONS["enhance"]]})
+        key = unit_key(model, "heatmaps", prompts=prompts, labels=labels, neurons=neurons,
+                       alpha=cfg.alpha, rows=cfg.rows, n=cfg.heatmap_neurons,
+                       factors=[CONDITIONS["suppress"], CONDITIONS["enhance"]])
         units.append(Unit(key, HeatmapUnit(kind, method, fact_id, tuple(prompts), tuple(labels),
                                            tuple(tuple(n) for n in neurons), cfg.alpha, cfg.rows,
                                            cfg.heatmap_neurons), f"{kind} {fact_id[:30]}",

@@ -34,8 +34,8 @@ from ..errors import TokenizationError
 from ..models import Model
 from ..models.forward import answer_scores
 from ..neurons import Selection, neurons_frame
-from ..store import RunStore, content_hash
-from .run import MAPS, map_frame, model_fingerprint, read_map, record_target, target_key, with_ident
+from ..store import RunStore
+from .run import MAPS, map_frame, read_map, record_target, target_key, unit_key, with_ident
 from .units import (
     Compute,
     Executor,
@@ -60,9 +60,8 @@ LOCALIZE_TABLES: dict[str, Sequence[str] | None] = {
 # ------------------------------------------------------------------------ screening
 def screen_key(model: Model, fact: Fact, target: str = "first") -> str:
     """The unit key of screening one fact (all its queries) in ``target`` mode."""
-    return content_hash({"model": model_fingerprint(model), "stage": "screen",
-                         "queries": [(q.prompt, q.answer) for q in fact.queries],
-                         **target_key(target)})
+    return unit_key(model, "screen", queries=[(q.prompt, q.answer) for q in fact.queries],
+                    **target_key(target))
 
 
 @dataclass(frozen=True)
@@ -252,26 +251,18 @@ class LocalizeConfig:
         }
 
 
-def unit_key(model: Model, query: Query, cfg: AttributionConfig, selection: Selection,
-             keep_top: int) -> str:
+def query_key(model: Model, query: Query, cfg: AttributionConfig, selection: Selection,
+              keep_top: int) -> str:
     """The unit key of localizing one query with one method."""
-    return content_hash(
-        {
-            "model": model_fingerprint(model),
-            "prompt": query.prompt,
-            "answer": query.answer,
-            "attribution": cfg.as_dict(),
-            "selection": selection.as_dict(),
-            "keep_top": keep_top,
-        }
-    )
+    return unit_key(model, None, prompt=query.prompt, answer=query.answer,
+                    attribution=cfg.as_dict(), selection=selection.as_dict(),
+                    keep_top=keep_top)
 
 
 def map_key(model: Model, query: Query, cfg: AttributionConfig) -> str:
     """The key of one query's attribution map with one method (no neuron selection)."""
-    return content_hash({"stage": MAPS, "model": model_fingerprint(model),
-                         "prompt": query.prompt, "answer": query.answer,
-                         "attribution": cfg.as_dict()})
+    return unit_key(model, MAPS, prompt=query.prompt, answer=query.answer,
+                    attribution=cfg.as_dict())
 
 
 @dataclass(frozen=True)
@@ -416,7 +407,7 @@ def localize(
         for q in facts.queries():
             payload = LocalizeUnit(q, acfg, cfg.selection, cfg.keep_top, cfg.internal_batch_size,
                                    cfg.memory_budget_gb, map_key(model, q, acfg))
-            units.append(Unit(unit_key(model, q, acfg, cfg.selection, cfg.keep_top), payload,
+            units.append(Unit(query_key(model, q, acfg, cfg.selection, cfg.keep_top), payload,
                               f"{acfg.method} {q.relation} {short_label(q.prompt, 30)}",
                               payload.ident))
     before = store.current_keys("queries")

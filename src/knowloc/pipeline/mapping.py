@@ -12,14 +12,21 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import pandas as pd
 
 from ..attribution import sort_methods
 from ..models import Model
-from ..store import RunStore, content_hash
-from .run import model_fingerprint, parse_threshold, read_run, split_fact_neurons, target_key
+from ..store import RunStore
+from .run import (
+    key_config,
+    parse_threshold,
+    read_run,
+    split_fact_neurons,
+    target_key,
+    unit_key,
+)
 from .units import Executor, Unit, run_units
 
 log = logging.getLogger(__name__)
@@ -37,6 +44,13 @@ class MappingConfig:
     suppress: float = 0.0
     enhance: float = 2.0
     only_known: bool = True
+
+    #: Fields that choose which units exist, not what one computes (see ``key_config``).
+    UNKEYED: ClassVar[tuple[str, ...]] = ("methods", "split_threshold")
+
+    def key_config(self) -> dict[str, Any]:
+        """The fields that key the stage's units (:func:`~knowloc.pipeline.run.key_config`)."""
+        return key_config(self, self.UNKEYED)
 
     def as_dict(self) -> dict[str, Any]:
         return {"methods": list(self.methods) if self.methods else None,
@@ -135,11 +149,11 @@ def query_kn_mapping(
     cfg.split_threshold = parse_threshold(cfg.split_threshold)
     run = read_run(store, cfg.methods, cfg.split_threshold, query_ids,
                    allow_partial=allow_partial)
-    config = {k: v for k, v in cfg.as_dict().items() if k not in ("methods", "split_threshold")}
+    config = cfg.key_config()
     units = []
     for fn in split_fact_neurons(run):
-        key = content_hash({"stage": "query_kn_mapping", "model": model_fingerprint(model),
-                            **fn.key_parts(), "config": config, **target_key(run.target)})
+        key = unit_key(model, "query_kn_mapping", **fn.key_parts(), config=config,
+                       **target_key(run.target))
         payload = MappingUnit(fn.method, fn.relation, fn.fact_id, fn.queries, fn.set_items(),
                               cfg.suppress, cfg.enhance, run.target)
         units.append(Unit(key, payload, f"{fn.method} {fn.fact_id[:30]}",

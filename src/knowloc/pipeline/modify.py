@@ -9,13 +9,11 @@ rows. The stage then stores Table 2 in ``metrics`` and returns Tables 2 and 3;
 from __future__ import annotations
 
 import logging
-import secrets
 import time
-import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -24,16 +22,17 @@ from ..attribution import sort_methods
 from ..errors import ConfigError
 from ..evaluation import Baseline, EvalQuery, PPLSampler, evaluate_edit, load_ppl_corpus
 from ..models import Model
-from ..store import RunStore, content_hash
+from ..store import RunStore
 from .run import (
     RunFacts,
     attribution_maps,
-    model_fingerprint,
+    key_config,
     parse_threshold,
     read_run,
     seeded_rng,
     split_fact_neurons,
     target_key,
+    unit_key,
     with_ident,
 )
 from .units import Executor, Unit, run_units
@@ -90,6 +89,15 @@ class ModifyConfig:
             raise ConfigError("ppl_max_tokens must be >= 2")
         self.split_threshold = parse_threshold(self.split_threshold)
         return self
+
+    #: Fields that choose which units exist (ops, sets, methods, the split) or that only
+    #: the CAS set's own key part holds (``cas_*``), not what every unit computes.
+    UNKEYED: ClassVar[tuple[str, ...]] = ("ops", "sets", "methods", "split_threshold",
+                                          "cas_beta1", "cas_beta2", "cas_threshold")
+
+    def key_config(self) -> dict[str, Any]:
+        """The fields that key the stage's units (:func:`~knowloc.pipeline.run.key_config`)."""
+        return key_config(self, self.UNKEYED)
 
     def as_dict(self) -> dict[str, Any]:
         return {"ops": list(self.ops), "sets": list(self.sets),
@@ -189,7 +197,6 @@ class EditUnit:
     """The payload of one modification unit: one (method, fact, op, set)."""
 
     key: str  # also seeds the unit's ΔPPL draw
-    scope: str  # memo scope: unedited predictions are shared by the units of one stage call
     method: str
     relation: str
     fact_id: str
@@ -210,36 +217,49 @@ class EditUnit:
     target: str = "first"  # the run's target mode (Model.target_ids)
 
 
-@dataclass
-class _Memo:
-    """Unedited predictions and ΔPPL baselines of one model within one stage call."""
+class EditState:
+    """A worker's state in one modification stage call (the executor's setup step, see
+    :mod:`knowloc.pipeline.units`): the model, its unedited predictions (:class:`Baseline`)
+    and a ΔPPL sampler per :class:`PPLSpec` with its cached baselines.
 
-    model: weakref.ref
-    scope: str
-    baseline: Baseline = field(default_factory=Baseline)
-    samplers: dict[PPLSpec, PPLSampler] = field(default_factory=dict)
+    Both caches only memoize numbers computed as if asked first (a baseline in the batches
+    of its own edit, a ΔPPL baseline per corpus entry), so a unit's rows never depend on the
+    units the worker edited before it.
+    """
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.baseline = Baseline()
+        self.samplers: dict[PPLSpec, PPLSampler] = {}
+
+    def sampler(self, spec: PPLSpec) -> PPLSampler:
+        """The ΔPPL sampler of ``spec`` (built on first use)."""
+        if spec not in self.samplers:
+            self.samplers[spec] = PPLSampler(self.model, load_ppl_corpus(spec.text),
+                                             n_entries=spec.n_entries,
+                                             pool_size=spec.pool_size,
+                                             max_tokens=spec.max_tokens, seed=spec.seed)
+        return self.samplers[spec]
 
 
-_MEMO: dict[str, _Memo] = {}
+def edit_unit_rows(state: EditState, unit: EditUnit) -> dict[str, pd.DataFrame]:
+    """The stage's compute: :func:`edit_fact` with the worker's :class:`EditState`."""
+    return edit_fact(state.model, unit, state)
 
 
-def _memo(model: Model, unit: EditUnit) -> tuple[Baseline, PPLSampler]:
-    memo = _MEMO.get("current")
-    if memo is None or memo.scope != unit.scope or memo.model() is not model:
-        memo = _MEMO["current"] = _Memo(weakref.ref(model), unit.scope)
-    if unit.ppl not in memo.samplers:
-        s = unit.ppl
-        memo.samplers[s] = PPLSampler(model, load_ppl_corpus(s.text), n_entries=s.n_entries,
-                                      pool_size=s.pool_size, max_tokens=s.max_tokens,
-                                      seed=s.seed)
-    return memo.baseline, memo.samplers[unit.ppl]
+def edit_fact(model: Model, unit: EditUnit,
+              state: EditState | None = None) -> dict[str, pd.DataFrame]:
+    """Edit, evaluate and restore one (method, fact, op, set): its ``edits`` rows.
 
-
-def edit_fact(model: Model, unit: EditUnit) -> dict[str, pd.DataFrame]:
-    """Edit, evaluate and restore one (method, fact, op, set): its ``edits`` rows."""
+    ``state``: the caches of unedited predictions to use (a fresh one by default); the rows
+    are the same bytes with any state of the same model."""
     from ..interventions.weights import Edit, activation_signs
 
-    baseline, ppl = _memo(model, unit)
+    if state is None:
+        state = EditState(model)
+    elif state.model is not model:
+        raise ValueError("edit_fact: the state belongs to another model")
+    baseline, ppl = state.baseline, state.sampler(unit.ppl)
     op, set_kind, new_obj = unit.op, unit.set_kind, unit.new_object
     sets = {qid: list(ns) for qid, ns in unit.sets}
     cas = list(unit.cas)
@@ -313,7 +333,6 @@ class ModifyResult:
 def edit_units(model: Model, run: RunFacts, store: RunStore, cfg: ModifyConfig,
                ppl: PPLSpec, ppl_config: dict[str, Any]) -> list[Unit]:
     """The modification units of the run's split, in (method, fact, op, set) order."""
-    scope = secrets.token_hex(8)
     attributions: dict[tuple[str, str], pd.DataFrame] | None = None
     units = []
     for fn in split_fact_neurons(run):
@@ -326,12 +345,9 @@ def edit_units(model: Model, run: RunFacts, store: RunStore, cfg: ModifyConfig,
                 loc_prompts, loc_ids, loc_kind = locality_pool(
                     model, run.catalog, fn.fact_id, fn.relation, cfg.n_locality, cfg.seed)
                 key_parts: dict[str, Any] = {
-                    "stage": "modify", "model": model_fingerprint(model), **fn.key_parts(),
-                    "op": op, "set": set_kind, "new_object": new_obj, "locality": loc_ids,
-                    "config": {k: v for k, v in cfg.as_dict().items()
-                               if k not in ("ops", "sets", "methods", "split_threshold")
-                               and not k.startswith("cas_")},
-                    "ppl": ppl_config, **target_key(run.target)}
+                    **fn.key_parts(), "op": op, "set": set_kind, "new_object": new_obj,
+                    "locality": loc_ids, "config": cfg.key_config(), "ppl": ppl_config,
+                    **target_key(run.target)}
                 cas: list[tuple[int, int]] = []
                 if set_kind == "cas":
                     if attributions is None:
@@ -342,9 +358,9 @@ def edit_units(model: Model, run: RunFacts, store: RunStore, cfg: ModifyConfig,
                     key_parts["cas"] = {"neurons": cas, "beta1": cfg.cas_beta1,
                                         "beta2": cfg.cas_beta2,
                                         "threshold": cfg.cas_threshold}
-                key = content_hash(key_parts)
+                key = unit_key(model, "modify", **key_parts)
                 payload = EditUnit(
-                    key=key, scope=scope, method=fn.method, relation=fn.relation,
+                    key=key, method=fn.method, relation=fn.relation,
                     fact_id=fn.fact_id, op=op, set_kind=set_kind, queries=fn.queries,
                     sets=fn.set_items(),
                     cas=tuple(cas), new_object=new_obj, locality=tuple(loc_prompts),
@@ -388,9 +404,9 @@ def modify(
                             max_tokens=spec.max_tokens, seed=spec.seed).config()
     t0 = time.time()
     units = edit_units(model, run, store, cfg, spec, ppl_config)
-    stats = run_units(units, edit_fact, store, model=model, marker="edits",
-                      consolidate={"edits": EDIT_SORT}, executor=executor, desc="editing",
-                      progress=progress)
+    stats = run_units(units, edit_unit_rows, store, model=model, setup=EditState,
+                      marker="edits", consolidate={"edits": EDIT_SORT}, executor=executor,
+                      desc="editing", progress=progress)
     edits = store.table("edits")
     if len(edits):
         pairs = set(zip(run.split["method"], run.split["fact_id"]))

@@ -38,6 +38,27 @@ def model_fingerprint(model: Model) -> dict[str, Any]:
     }
 
 
+def unit_key(model: Model, stage: str | None, **parts: Any) -> str:
+    """The one way a stage names a work unit: the content hash of the model's fingerprint
+    (:func:`model_fingerprint`), the stage's name and ``parts``, everything else that
+    determines the unit's result (its queries, neuron sets and the fields of the stage's
+    configuration that key its units, ``key_config()``).
+
+    ``stage=None`` leaves the stage's name out: localization units were keyed without it
+    before the other stages existed, and keep their keys so that every run resumes."""
+    content: dict[str, Any] = {"model": model_fingerprint(model), **parts}
+    if stage is not None:
+        content["stage"] = stage
+    return content_hash(content)
+
+
+def key_config(config: Any, unkeyed: Sequence[str]) -> dict[str, Any]:
+    """The fields of a stage configuration (its ``as_dict()``) that key its units: every
+    field but ``unkeyed`` (those that choose which units exist, such as the methods or the
+    split threshold, or how they are shown, but not what one unit computes)."""
+    return {k: v for k, v in config.as_dict().items() if k not in unkeyed}
+
+
 def seed_everything(seed: int) -> None:
     """Seed numpy's and torch's global generators (at the start of a run)."""
     np.random.seed(seed)
