@@ -278,6 +278,72 @@ def test_worker_model_must_match_the_drivers(cluster, model, tiny_dir):
         collect(ex, make_units()[:1], model)
 
 
+def test_worker_weights_must_match_the_drivers(cluster, tiny_dir, tmp_path):
+    """Weight files changed under the model's name after the driver loaded them: same
+    fingerprint, other weights. The workers are refused with one line naming both hashes."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "tiny"
+    shutil.copytree(tiny_dir, copy)
+    driver = load_model(str(copy))
+    ours = driver.weights_identity()["sha256"]
+    (weights,) = copy.glob("*.safetensors")
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, weights, metadata={"format": "pt"})
+    theirs = load_model(str(copy)).weights_identity()["sha256"]
+    assert theirs != ours
+    with (RayExecutor(RayConfig(workers=1, threads_per_worker=1)) as ex,
+          pytest.raises(RunError) as info):
+        collect(ex, make_units()[:1], driver)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg == (f"a Ray worker loaded {copy} with weights {theirs[:12]}, but the driver's "
+                   f"model has weights {ours[:12]}; give every node the driver's weight files "
+                   f"under that name, or run with --executor local")
+
+
+class ToyState:
+    """A per-worker state (a stage's setup): the model, this process and a build number."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.pid = os.getpid()
+        self.token = os.urandom(8).hex()
+        self.units = 0
+
+
+def toy_state_compute(state: ToyState, payload: dict[str, Any]) -> dict[str, pd.DataFrame]:
+    """``toy_compute`` through the state, with which state computed it."""
+    state.units += 1
+    tables = toy_compute(state.model, payload)
+    tables["states"] = pd.DataFrame([{"pid": state.pid, "token": state.token,
+                                      "nth": state.units}])
+    return tables
+
+
+def test_setup_runs_once_per_worker_per_call_and_changes_no_byte(executor, model, reference):
+    """Each worker builds the stage's state on its first unit of a call and keeps it for the
+    call's other units; the next call builds new states; the tables are the local bytes."""
+    calls = []
+    for _ in range(2):
+        got = {}
+        for i, tables in executor.run(toy_state_compute, model,
+                                      [u.payload for u in make_units()], setup=ToyState):
+            got[make_units()[i].key] = tables
+        states = pd.concat([t.pop("states") for t in got.values()])
+        assert_same(got, reference)
+        per_token = states.groupby("token")
+        assert per_token["pid"].nunique().eq(1).all()  # a state never leaves its worker
+        assert states.groupby("pid")["token"].nunique().eq(1).all()  # one state per worker
+        assert sorted(per_token["nth"].max()) == sorted(per_token.size())  # its units, counted
+        calls.append(set(states["token"]))
+    assert not calls[0] & calls[1]  # a new call, new states
+
+
 def test_missing_ray_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(ConfigError) as info:

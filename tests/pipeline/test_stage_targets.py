@@ -23,7 +23,7 @@ from knowloc.interventions.weights import Edit
 from knowloc.models.compat import cache_kwargs, output_cache
 from knowloc.pipeline.localize import ScreenUnit, screen_fact, screen_key
 from knowloc.pipeline.mapping import MappingUnit, intervene_fact, neighbor_sets
-from knowloc.pipeline.modify import EditUnit, PPLSpec, edit_fact, new_object
+from knowloc.pipeline.modify import EditState, EditUnit, PPLSpec, edit_fact, new_object
 from knowloc.synapses import knowledge_synapses
 
 # on the tiny llama (seed 0) greedy decoding continues "the official is" with
@@ -157,10 +157,10 @@ def test_synapse_effect_scales_the_prompt_rows_only(tiny):
 
 
 # ---------------------------------------------------------------------------- modify
-def edit_unit(queries, target, *, op="erase", set_kind="local", new=NEW, key="k", scope="s",
+def edit_unit(queries, target, *, op="erase", set_kind="local", new=NEW, key="k",
               locality=LOCALITY, model=None):
     return EditUnit(
-        key=key, scope=scope, method="ig", relation="R", fact_id="f", op=op,
+        key=key, method="ig", relation="R", fact_id="f", op=op,
         set_kind=set_kind, queries=tuple(queries),
         sets=tuple((q[0], tuple(NEURONS)) for q in queries), cas=(), new_object=new,
         locality=tuple(tuple(model.encode_prompt(p)) for p in locality),
@@ -198,7 +198,7 @@ def test_modify_scores_the_whole_answer_under_all(tiny, op):
     assert row["loc"] == pytest.approx(sum(same) / len(same))
     # the same edit under `first` scores the first token only
     first = edit_fact(tiny, edit_unit((("q1", Q1, ANSWER), ("q2", Q2, ANSWER)), "first", op=op,
-                                      model=tiny, scope="s2"))["edits"].set_index("query_id")
+                                      model=tiny))["edits"].set_index("query_id")
     assert first.loc["q2", "status"] == "ok" and first.loc["q1", "rel_prob"] != row["rel_prob"]
 
 
@@ -245,15 +245,19 @@ def test_edit_rows_do_not_depend_on_the_order_units_run_in(tiny):
              for i, (f, loc) in enumerate(zip(facts, locs)) for op in ("erase", "update")
              for s in ("local", "global") for t in ("first", "all")]
 
-    def run(order, scope):
-        frames = [edit_fact(tiny, EditUnit(**{**u.__dict__, "scope": scope}))["edits"]
-                  .assign(unit=u.key) for u in order]
+    def run(order, *, shared=True):
+        state = EditState(tiny)  # one worker's state (the stage's setup), shared by its units
+        frames = [edit_fact(tiny, u, state if shared else None)["edits"].assign(unit=u.key)
+                  for u in order]
         return pd.concat(frames).sort_values(["unit", "query_id"]).reset_index(drop=True)
 
-    a = run(units, "forward")
-    b = run(units[::-1], "backward")
+    a = run(units)
+    b = run(units[::-1])
     assert (a["status"] == "ok").sum() >= 8
     pd.testing.assert_frame_equal(a, b, check_exact=True)
+    alone = run(units[::5], shared=False)  # a fresh state per unit, as if it ran first
+    pd.testing.assert_frame_equal(a[a["unit"].isin(alone["unit"])].reset_index(drop=True),
+                                  alone, check_exact=True)
 
 
 # ---- embedded Gemma: a year answer starts with a bare space token (" 1912" is " ",
@@ -271,7 +275,7 @@ def strong_neurons(model, ids, k=8):
 
 
 def modify_unit(prompt, answer, neurons, target, op="erase"):
-    return EditUnit(key="k", scope=f"gemma-{target}-{answer}-{op}", method="ig", relation="R",
+    return EditUnit(key="k", method="ig", relation="R",
                     fact_id="f", op=op, set_kind="local", queries=(("q", prompt, answer),),
                     sets=(("q", tuple(neurons)),), cas=(), new_object=None, locality=(),
                     locality_ids=(), locality_kind="none", lambda1=2.0, lambda2=2.0,
@@ -340,7 +344,7 @@ def test_a_year_is_not_known_through_its_leading_space(gemma):
     p_two = float(logits[1].softmax(-1)[two])
     assert int(logits[0].argmax()) == space and p_space > 0.8
     assert int(logits[1].argmax()) != two
-    unit = EditUnit(key="k", scope="bug", method="ig", relation="R", fact_id="f", op="erase",
+    unit = EditUnit(key="k", method="ig", relation="R", fact_id="f", op="erase",
                     set_kind="local", queries=(("q", TURING, "2012"),),
                     sets=(("q", ((10, 5),)),), cas=(), new_object=None, locality=(),
                     locality_ids=(), locality_kind="none", lambda1=2.0, lambda2=2.0,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shlex
 from types import SimpleNamespace
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -10,7 +12,15 @@ import pytest
 
 from knowloc.data import Fact, FactSet, Query
 from knowloc.pipeline import localize as loc
-from knowloc.pipeline.units import LocalExecutor, Unit, UnitError, run_units
+from knowloc.pipeline.units import (
+    LocalExecutor,
+    Unit,
+    UnitError,
+    WorkersLost,
+    cli_command,
+    resume_hint,
+    run_units,
+)
 from knowloc.store import RunStore
 
 
@@ -163,3 +173,107 @@ def test_screening_in_waves_logs_one_summary_line(facts_file, tmp_path, caplog):
     assert waves > 1  # the tiny model knows (almost) nothing: one wave per fact
     assert len(lines) == 1 and lines[0].startswith(f"screening ({waves} waves): {n} facts, "
                                                    f"{n} computed, 0 already done, "), lines
+
+
+# ------------------------------------------------------------------ per-worker state
+class Counter:
+    """A stage's per-worker state: the model plus a memo of squares, counting its builds."""
+
+    built: ClassVar[list[Counter]] = []
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.memo: dict[int, int] = {}
+        self.units = 0
+        Counter.built.append(self)
+
+
+def square_with_state(state: Counter, payload):
+    """``square`` through a memo that only caches (the unit contract)."""
+    n = int(payload)
+    state.units += 1
+    state.memo.setdefault(n, n * n * state.model["scale"])
+    return {"rows": pd.DataFrame({"n": [n] * n, "i": list(range(n))}),
+            "done": pd.DataFrame({"n": [n], "square": [state.memo[n]]})}
+
+
+def test_local_executor_builds_the_state_once_per_call_and_only_with_units():
+    Counter.built = []
+    ex = LocalExecutor()
+    got = dict(ex.run(square_with_state, {"scale": 2}, [3, 1, 3], setup=Counter))
+    assert [int(t["done"]["square"].iloc[0]) for _, t in sorted(got.items())] == [18, 2, 18]
+    assert len(Counter.built) == 1 and Counter.built[0].units == 3
+    assert list(ex.run(square_with_state, {"scale": 2}, [], setup=Counter)) == []
+    assert len(Counter.built) == 1  # no unit, no setup
+    list(ex.run(square_with_state, {"scale": 2}, [2], setup=Counter))
+    assert len(Counter.built) == 2 and Counter.built[1].units == 1  # a new call, a new state
+
+
+def test_run_units_with_setup_writes_the_bytes_of_the_stateless_compute(tmp_path):
+    """A stage with a setup writes what a plain compute writes; an executor written without
+    ``setup`` still serves stages that have none."""
+    Counter.built = []
+    a, b = RunStore(tmp_path / "a"), RunStore(tmp_path / "b")
+    run_units(UNITS, square, a, model={"scale": 1}, marker="done", consolidate=SORT,
+              executor=ReversedExecutor(), progress=False)
+    run_units(UNITS, square_with_state, b, model={"scale": 1}, marker="done",
+              consolidate=SORT, setup=Counter, progress=False)
+    assert len(Counter.built) == 1 and Counter.built[0].units == 3
+    for table in ("done", "rows"):
+        assert (tmp_path / "a" / f"{table}.parquet").read_bytes() == \
+            (tmp_path / "b" / f"{table}.parquet").read_bytes()
+
+
+def test_modify_has_no_module_state_and_builds_its_state_per_call():
+    """The modification stage's caches are its setup step (EditState), not module globals."""
+    import knowloc.pipeline.modify as modify_module
+    from knowloc.pipeline.modify import EditState, EditUnit
+
+    assert not hasattr(modify_module, "_MEMO")
+    assert "scope" not in EditUnit.__dataclass_fields__
+    state = EditState(model := object())
+    assert state.model is model and state.samplers == {} and not state.baseline.seen
+
+
+class LostExecutor:
+    """Computes the first ``n`` units, then has no worker left."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def run(self, compute, model, payloads):
+        for i in range(self.n):
+            yield i, compute(model, payloads[i])
+        raise WorkersLost("no live node of the Ray cluster could host a worker")
+
+
+def test_lost_workers_keep_the_finished_units_and_say_how_to_resume(tmp_path):
+    store = RunStore(tmp_path / "run")
+    with pytest.raises(WorkersLost) as info:
+        run_units(UNITS, square, store, model={"scale": 1}, marker="done", consolidate=SORT,
+                  executor=LostExecutor(2), desc="squaring", progress=False)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith("squaring: no live node of the Ray cluster could host a worker; "
+                          f"1 of 3 units were not computed, the 2 finished ones are saved in "
+                          f"{store.root}; rerun the same command to resume it")
+    assert "`--executor local`" in msg
+    assert sorted(store.done_keys("done")) == ["k1", "k3"]
+    stats = run_units(UNITS, square, store, model={"scale": 1}, marker="done",
+                      consolidate=SORT, progress=False)
+    assert (stats.computed, stats.skipped_done) == (1, 2)
+
+
+@pytest.mark.parametrize(("argv", "local"), [
+    (["/usr/bin/knowloc", "modify", "--run", "r", "--executor", "ray", "--ray-address",
+      "h:6379", "--workers=2", "--threads-per-worker", "1", "-q"],
+     "knowloc modify --run r -q --executor local"),
+    (["/x/knowloc/cli/__main__.py", "localize", "--executor=ray", "--gpus-per-worker", "0.5",
+      "--out", "my run"],
+     "knowloc localize --out 'my run' --executor local"),
+])
+def test_resume_hint_names_the_command_on_this_machine_and_on_ray(argv, local):
+    hint = resume_hint(argv)
+    assert f"resume on this machine with `{local}`" in hint
+    assert f"or rerun `{shlex.join(['knowloc', *argv[1:]])}` once the Ray cluster" in hint
+    assert cli_command(["/usr/bin/python", "-m", "pytest"]) is None

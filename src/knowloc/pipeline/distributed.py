@@ -7,7 +7,9 @@ Core actors rather than Ray Data ``map_batches``:
 
 - units are heterogeneous (a localization unit, an edit, an attention unit), each a
   payload plus a pure module-level ``compute(model, payload) -> {table: frame}``, not rows
-  of a dataset with one schema;
+  of a dataset with one schema; a stage's per-worker state (``setup``, see
+  :mod:`knowloc.pipeline.units`) is built by each actor on its first unit of a stage call
+  and dropped when the call ends, as a Ray Data actor class's ``__init__`` would hold it;
 - a worker holds one model for its whole life (loading LLaMA-3-8B takes longer than many
   units), and the same actors serve every stage of a run that uses the same model;
 - the driver gets each unit's tables as soon as that unit finishes, writes them as the
@@ -21,15 +23,20 @@ needs a filesystem shared between the nodes. Every unit is dispatched to at most
 worker at a time and resubmitted only once its worker is known dead, so each unit's tables
 are yielded exactly once.
 
-Units are dispatched in their order, each to the next idle worker. A compute function whose
-results depend on what the same process computed before (the modification stage's cache of
-unedited predictions) gets bytes that may differ from the local executor's in the last float
-bits; see :func:`make_executor`.
+Units are dispatched in their order, each to the next idle worker; which units share a
+worker does not change their bytes (the unit contract of :mod:`knowloc.pipeline.units`).
 
 A worker loads its model from a :class:`ModelSpec` (an embedded name, a local directory or
 a Hugging Face id: it must be reachable under that name on every node). Before a worker
-gets a unit, its :func:`~knowloc.pipeline.run.model_fingerprint` must match the driver's,
-because the units' keys were computed from the driver's model.
+gets a unit, its :func:`~knowloc.pipeline.run.model_fingerprint` and its weights hash
+(:meth:`~knowloc.models.Model.weights_identity`) must match the driver's, because the units'
+keys and the run's weights record come from the driver's model.
+
+A cluster that loses every node able to host a worker (a node's raylet killed, the machine
+gone) cannot finish the units: once no live node has room for one worker for
+``RayConfig.node_wait_s`` seconds, :meth:`RayExecutor.run` raises
+:class:`~knowloc.pipeline.units.WorkersLost` (the units finished before are written; the
+error says how to resume) instead of waiting for an actor that can never start.
 
 Ray is an optional dependency (``pip install "knowloc[ray]"``), imported only here.
 :func:`make_executor` builds the executor a stage runs its units with, by name (``local`` or
@@ -40,6 +47,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, KnowlocError, ModelError, RunError
 from .run import model_fingerprint
-from .units import Compute, Executor, LocalExecutor, Tables
+from .units import Compute, Executor, LocalExecutor, Setup, Tables, WorkersLost
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -75,6 +83,9 @@ class RayConfig:
     workers load the model on ``cuda``. ``threads_per_worker``: torch intra-op threads and
     CPUs reserved per actor (default: a local cluster's cores split between the workers,
     else 1). ``max_retries``: how many times one unit is resubmitted after its worker died.
+    ``node_wait_s``: how long the run waits while no live node of the cluster can host a
+    worker (all died, or the last one left) before it stops with
+    :class:`~knowloc.pipeline.units.WorkersLost`; ``poll_s``: how often it checks.
     """
 
     address: str | None = None
@@ -82,6 +93,8 @@ class RayConfig:
     gpus_per_worker: float = 0
     threads_per_worker: int | None = None
     max_retries: int = 2
+    node_wait_s: float = 60.0
+    poll_s: float = 2.0
 
     def validate(self) -> RayConfig:
         if self.workers is not None and (isinstance(self.workers, bool) or self.workers < 1):
@@ -94,6 +107,9 @@ class RayConfig:
             )
         if self.max_retries < 0:
             raise ConfigError(f"max_retries must be >= 0 (got {self.max_retries!r})")
+        if not self.node_wait_s >= 0 or not self.poll_s > 0:
+            raise ConfigError(f"node_wait_s must be >= 0 and poll_s > 0 (got "
+                              f"{self.node_wait_s!r}, {self.poll_s!r})")
         return self
 
 
@@ -116,7 +132,10 @@ class ModelSpec:
 
 
 class Worker:
-    """The body of one Ray actor: loads the model once, then computes units."""
+    """The body of one Ray actor: loads the model once, then computes units.
+
+    A stage's state (``setup``) is built on the worker's first unit of each stage call
+    (``call`` numbers the calls of one executor) and kept for that call's units only."""
 
     def __init__(self, spec: ModelSpec, threads: int) -> None:
         import torch
@@ -125,15 +144,31 @@ class Worker:
 
         torch.set_num_threads(threads)
         self.model = load_model(spec.name_or_path, device=spec.device, dtype=spec.dtype)
+        self.call: int | None = None
+        self.state: Any = None
 
-    def identity(self) -> tuple[dict[str, Any], int, int]:
-        """The model's fingerprint, this process's id and its torch threads."""
+    def identity(self) -> tuple[dict[str, Any], str, int, int]:
+        """The model's fingerprint, its weights hash, this process's id and its torch
+        threads."""
         import torch
 
-        return model_fingerprint(self.model), os.getpid(), torch.get_num_threads()
+        return (model_fingerprint(self.model), self.model.weights_identity()["sha256"],
+                os.getpid(), torch.get_num_threads())
 
-    def run(self, compute: Compute, payload: Any) -> Tables:
-        return compute(self.model, payload)
+    def run(self, compute: Compute, payload: Any, setup: Setup | None = None,
+            call: int | None = None) -> Tables:
+        if setup is None:
+            return compute(self.model, payload)
+        if call is None or call != self.call:
+            self.release()
+            self.state = setup(self.model)
+            self.call = call
+        return compute(self.state, payload)
+
+    def release(self) -> None:
+        """Drop the state of the last stage call."""
+        self.state = None
+        self.call = None
 
 
 def import_ray() -> Any:
@@ -169,6 +204,7 @@ class RayExecutor:
         self._actor_class = self.ray.remote(Worker)
         self._pool: _Pool | None = None
         self._started_ray = False
+        self._calls = 0  # numbers the run calls: a worker's setup state is per call
 
     # ------------------------------------------------------------------ cluster and actors
     def _connect(self) -> None:
@@ -231,34 +267,51 @@ class RayExecutor:
         return list(self._pool.pids.values()) if self._pool is not None else []
 
     # ------------------------------------------------------------------ run
-    def run(self, compute: Compute, model: Model,
-            payloads: Sequence[Any]) -> Iterator[tuple[int, Tables]]:
+    def run(self, compute: Compute, model: Model, payloads: Sequence[Any], *,
+            setup: Setup | None = None) -> Iterator[tuple[int, Tables]]:
         """Compute every payload on the workers; yield ``(index, tables)`` as each finishes.
 
-        A unit whose worker dies is resubmitted to another worker (a new actor replaces the
-        dead one) up to ``max_retries`` times, then :class:`RunError`. An exception raised
+        ``setup``: the stage's per-worker state, built by each worker on its first unit of
+        this call and dropped at its end (:mod:`knowloc.pipeline.units`). A unit whose worker
+        dies is resubmitted to another worker (a new actor replaces the dead one) up to
+        ``max_retries`` times, then :class:`RunError`; when no live node can host a worker
+        for ``node_wait_s``, :class:`~knowloc.pipeline.units.WorkersLost`. An exception raised
         by ``compute`` itself is re-raised at once. On any exception, and on Ctrl-C, the
         actors are killed before it propagates.
         """
         if not payloads:
             return
         if model is None:  # a stage without a model (consistency): nothing to spread
-            yield from LocalExecutor().run(compute, model, payloads)
+            yield from LocalExecutor().run(compute, model, payloads, setup=setup)
             return
         self._connect()
         spec = self.spec or ModelSpec.of(
             model, device="cuda" if self.config.gpus_per_worker > 0 else None
         )
+        self._calls += 1
         finished = False
         try:
-            yield from self._run(compute, list(payloads), spec, model_fingerprint(model))
+            yield from self._run(compute, list(payloads), spec, model_fingerprint(model),
+                                 model.weights_identity()["sha256"], setup, self._calls)
             finished = True
         finally:
             if not finished:  # an error, Ctrl-C, or the caller stopped early
                 self._kill_pool()
+            elif setup is not None and self._pool is not None:
+                for actor in self._pool.ready:  # the call's state is not needed any more
+                    actor.release.remote()
+
+    def _hosts(self, threads: int) -> int:
+        """How many live nodes of the cluster could host one worker (by their total CPUs and
+        GPUs: a busy node frees its resources in time, a dead one never)."""
+        gpus = self.config.gpus_per_worker
+        return sum(1 for node in self.ray.nodes()
+                   if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) >= threads
+                   and node.get("Resources", {}).get("GPU", 0) >= gpus)
 
     def _run(self, compute: Compute, payloads: list[Any], spec: ModelSpec,
-             identity: dict[str, Any]) -> Iterator[tuple[int, Tables]]:
+             identity: dict[str, Any], weights: str, setup: Setup | None,
+             call: int) -> Iterator[tuple[int, Tables]]:
         ray = self.ray
         lost = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
                 ray.exceptions.OutOfMemoryError, ray.exceptions.NodeDiedError)
@@ -292,13 +345,32 @@ class RayExecutor:
         def dispatch() -> None:
             while idle and queue:
                 actor, i = idle.popleft(), queue.popleft()
-                pending[actor.run.remote(compute, payloads[i])] = (actor, i)
+                pending[actor.run.remote(compute, payloads[i], setup, call)] = (actor, i)
 
+        no_host_since: float | None = None  # since when no live node can host a worker
         while remaining:
             dispatch()
             if not pending:
                 raise RunError("no Ray worker is left to compute the remaining units")
-            [ref], _ = ray.wait(list(pending), num_returns=1)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.config.poll_s)
+            if not ready:
+                if self._hosts(threads):
+                    no_host_since = None
+                    continue
+                now = time.monotonic()
+                if no_host_since is None:
+                    no_host_since = now
+                    log.warning("no live node of the Ray cluster can host a worker; waiting "
+                                "up to %g s for one", self.config.node_wait_s)
+                if now - no_host_since >= self.config.node_wait_s:
+                    raise WorkersLost(
+                        f"no live node of the Ray cluster could host a worker ({threads} "
+                        f"CPU(s), {self.config.gpus_per_worker:g} GPU(s)) for "
+                        f"{self.config.node_wait_s:g} s: its nodes died (a raylet killed, a "
+                        f"machine lost) or none is large enough")
+                continue
+            no_host_since = None
+            [ref] = ready
             actor, i = pending.pop(ref)
             pool.loading.pop(ref, None)
             try:
@@ -334,10 +406,16 @@ class RayExecutor:
                 start_actor()
                 continue
             if i is None:  # a new actor has loaded its model
-                got, pid, n_threads = result
+                got, got_weights, pid, n_threads = result
                 if got != identity:
                     raise ConfigError(f"a Ray worker loaded {spec.name_or_path} as {got}, but the "
                                       f"driver's model is {identity}; the units' keys would lie")
+                if got_weights != weights:
+                    raise RunError(
+                        f"a Ray worker loaded {spec.name_or_path} with weights "
+                        f"{got_weights[:12]}, but the driver's model has weights {weights[:12]}; "
+                        f"give every node the driver's weight files under that name, or run "
+                        f"with --executor local")
                 log.debug("Ray worker pid %d ready (%d threads)", pid, n_threads)
                 pool.ready.append(actor)
                 pool.pids[actor] = pid

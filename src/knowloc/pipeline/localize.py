@@ -349,8 +349,8 @@ class FromMaps:
         self.store = store
         self.stored = stored
 
-    def run(self, compute: Compute, model: Any,
-            payloads: Sequence[Any]) -> Iterator[tuple[int, Tables]]:
+    def run(self, compute: Compute, model: Any, payloads: Sequence[Any],
+            **options: Any) -> Iterator[tuple[int, Tables]]:
         rest: list[int] = []
         for i, unit in enumerate(payloads):
             if unit.map_key in self.stored:
@@ -359,7 +359,8 @@ class FromMaps:
             else:
                 rest.append(i)
         if rest:
-            for j, tables in self.inner.run(compute, model, [payloads[i] for i in rest]):
+            for j, tables in self.inner.run(compute, model, [payloads[i] for i in rest],
+                                            **options):
                 yield rest[j], tables
 
 

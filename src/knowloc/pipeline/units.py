@@ -22,32 +22,51 @@ that returns the unit's tables (``{table name: DataFrame}``). The runner owns:
 * consolidation: ``<table>.parquet`` per table named in ``consolidate``, deterministically
   sorted.
 
-``compute`` is a pure function of the model and the payload (a module-level function; at
-most pure memoization, such as caches of unedited predictions), so an :class:`Executor` may
-run it anywhere: :class:`LocalExecutor` (default) runs the units in order in this process; a
-distributed executor runs them on workers that hold their own model. Results come back to
-the driver, which alone writes them.
+``compute`` is a pure function of the model and the payload (a module-level function), so
+an :class:`Executor` may run it anywhere: :class:`LocalExecutor` (default) runs the units in
+order in this process; a distributed executor runs them on workers that hold their own model.
+Results come back to the driver, which alone writes them.
+
+Per-worker state (``setup``). A stage whose units share something costly to build (the
+modification stage's unedited predictions and ΔPPL baselines) gives ``setup``, as Ray Data's
+actor classes do with their ``__init__``: ``setup(model)`` returns the worker's state, and
+``compute(state, payload)`` then gets that state instead of the model. The contract:
+
+* an executor calls ``setup`` once per worker per :meth:`Executor.run` call (so once per
+  stage call and worker), on that worker, before the worker's first unit of the call, and
+  never when it has no unit to compute; the state never leaves the worker and is dropped
+  when the call ends (the next stage call builds a new one);
+* the state may only memoize: the tables of a unit must be the same bytes whichever units
+  ran before it on the same worker, and in whatever order (a cache is filled by what it is
+  asked, and each value it returns is computed as if it had been asked first);
+* without ``setup``, ``compute(model, payload)`` gets the model itself.
 """
 
 from __future__ import annotations
 
 import logging
+import shlex
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import RunIncompleteError
+from ..errors import RunError, RunIncompleteError
 from ..store import RunStore
 
 log = logging.getLogger(__name__)
 
 Tables = dict[str, pd.DataFrame]
+#: ``compute(model or state, payload) -> tables``: one unit's work (see the module docstring).
 Compute = Callable[[Any, Any], Tables]
+#: ``setup(model) -> state``: a worker's state for one stage call (see the module docstring).
+Setup = Callable[[Any], Any]
 
 
 @dataclass(frozen=True)
@@ -75,24 +94,88 @@ class UnitStats:
 
 
 class Executor(Protocol):
-    """Runs ``compute(model, payload)`` for each payload and yields ``(index, tables)`` as
-    results arrive (in any order); it never writes anything."""
+    """Runs ``compute`` for each payload and yields ``(index, tables)`` as results arrive (in
+    any order); it never writes anything.
 
-    def run(self, compute: Compute, model: Any,
-            payloads: Sequence[Any]) -> Iterator[tuple[int, Tables]]: ...
+    Without ``setup``, each unit is ``compute(model, payload)``. With it, each worker builds
+    its state ``setup(model)`` once per call (before its first unit; not at all without
+    units) and each unit is ``compute(state, payload)``; the state is dropped when the call
+    ends (the contract is in the module docstring). :func:`run_units` passes ``setup`` only
+    to stages that have one, so an executor written for stages without state may leave the
+    argument out.
+    """
+
+    def run(self, compute: Compute, model: Any, payloads: Sequence[Any], *,
+            setup: Setup | None = None) -> Iterator[tuple[int, Tables]]: ...
 
 
 class LocalExecutor:
-    """In this process, one unit after the other, in order."""
+    """In this process, one unit after the other, in order (this process is the one worker:
+    ``setup`` runs once per call, before the first unit)."""
 
-    def run(self, compute: Compute, model: Any,
-            payloads: Sequence[Any]) -> Iterator[tuple[int, Tables]]:
+    def run(self, compute: Compute, model: Any, payloads: Sequence[Any], *,
+            setup: Setup | None = None) -> Iterator[tuple[int, Tables]]:
+        state: Any = model
         for i, payload in enumerate(payloads):
-            yield i, compute(model, payload)
+            if i == 0 and setup is not None:
+                state = setup(model)
+            yield i, compute(state, payload)
 
 
 class UnitError(RuntimeError):
     """A compute function broke the unit contract (a bug, not a user error)."""
+
+
+class WorkersLost(RunError):
+    """An executor has no worker left and cannot get one (the nodes of a Ray cluster died):
+    the units not computed yet cannot be. :func:`run_units` adds what was saved and how to
+    resume."""
+
+
+#: The command-line options of the Ray executor (dropped from a command resumed locally).
+RAY_OPTIONS = ("--executor", "--ray-address", "--workers", "--gpus-per-worker",
+               "--threads-per-worker")
+
+
+def cli_command(argv: Sequence[str] | None = None) -> list[str] | None:
+    """This process's command line as ``["knowloc", ...]`` when it is the ``knowloc``
+    command (the console script, ``python -m knowloc`` or ``python -m knowloc.cli``),
+    else None (the Python API, a test)."""
+    argv = list(sys.argv if argv is None else argv)
+    if not argv or len(argv) < 2:
+        return None
+    path = Path(argv[0])
+    parts = path.parts[-2:]
+    if path.stem == "knowloc" or parts in (("knowloc", "__main__.py"), ("cli", "__main__.py")):
+        return ["knowloc", *argv[1:]]
+    return None
+
+
+def local_command(command: Sequence[str]) -> list[str]:
+    """``command`` without its Ray executor options, with ``--executor local``."""
+    out: list[str] = []
+    skip = False
+    for arg in command:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in RAY_OPTIONS:
+            skip = "=" not in arg
+            continue
+        out.append(arg)
+    return [*out, "--executor", "local"]
+
+
+def resume_hint(argv: Sequence[str] | None = None) -> str:
+    """How to finish a run whose executor lost its workers: the same command on this machine
+    (``--executor local``) or on a cluster with live nodes (it resumes)."""
+    command = cli_command(argv)
+    if command is None:
+        return ("rerun the same command to resume it, on this machine (`--executor local`, "
+                "or executor=LocalExecutor()) or once the Ray cluster has live nodes")
+    return (f"resume on this machine with `{shlex.join(local_command(command))}`, or rerun "
+            f"`{shlex.join(command)}` once the Ray cluster has live nodes")
 
 
 def run_units(
@@ -109,6 +192,7 @@ def run_units(
     progress: bool = True,
     resume: bool = True,
     summary: bool = True,
+    setup: Setup | None = None,
 ) -> UnitStats:
     """Compute the units not done yet, write their parts, consolidate the named tables.
 
@@ -118,7 +202,11 @@ def run_units(
     become the current keys of the marker and of the consolidated tables, which then hold
     exactly these units' rows. ``model`` is only handed to the executor. ``summary``: log
     the stage's one summary line (:func:`summary_line`; a stage that calls this several
-    times logs its own).
+    times logs its own). ``setup``: the stage's per-worker state (module docstring).
+
+    When the executor loses every worker for good (:class:`WorkersLost`, e.g. a Ray cluster
+    whose nodes died), the units finished so far are written and the error says how many,
+    and how to resume.
     """
     t0 = time.time()
     groups: dict[str, list[Unit]] = {}
@@ -137,7 +225,7 @@ def run_units(
             if model is not None:
                 store.check_threads(torch.get_num_threads())
             _run([u for k in todo for u in groups[k]], compute, store, model, marker,
-                 executor or LocalExecutor(), desc, unit_name, progress)
+                 executor or LocalExecutor(), desc, unit_name, progress, setup)
         for table, sort in (consolidate or {}).items():
             if store.done_keys(table):
                 store.consolidate(table, sort_by=list(sort) if sort else None)
@@ -227,7 +315,8 @@ def _finish_command(store: RunStore, stage: str) -> str:
 
 
 def _run(todo: Sequence[Unit], compute: Compute, store: RunStore, model: Any, marker: str,
-         executor: Executor, desc: str, unit_name: str, progress: bool) -> None:
+         executor: Executor, desc: str, unit_name: str, progress: bool,
+         setup: Setup | None) -> None:
     bar = tqdm(total=len(todo), desc=desc, unit=unit_name, disable=not progress)
     finished = [False] * len(todo)
     members: dict[str, list[int]] = {}
@@ -243,9 +332,14 @@ def _run(todo: Sequence[Unit], compute: Compute, store: RunStore, model: Any, ma
         if nxt < len(todo) and todo[nxt].label:
             bar.set_postfix_str(todo[nxt].label)
 
+    payloads = [u.payload for u in todo]
+    # setup only where the stage has one: executors written for stateless stages keep working
+    results_of = (executor.run(compute, model, payloads) if setup is None
+                  else executor.run(compute, model, payloads, setup=setup))
+    written = 0
     try:
         show_next()
-        for i, tables in executor.run(compute, model, [u.payload for u in todo]):
+        for i, tables in results_of:
             unit = todo[i]
             if marker not in tables:
                 raise UnitError(f"{desc}: unit {unit.key} returned no {marker!r} table "
@@ -257,6 +351,12 @@ def _run(todo: Sequence[Unit], compute: Compute, store: RunStore, model: Any, ma
             group = members[unit.key]
             if all(j in results for j in group):
                 _write(store, unit.key, marker, [results.pop(j) for j in group])
+                written += len(group)
+    except WorkersLost as exc:
+        left = len(todo) - written
+        raise WorkersLost(f"{desc}: {exc}; {left} of {len(todo)} {plural(unit_name)} were "
+                          f"not computed, the {written} finished ones are saved in "
+                          f"{store.root}; {resume_hint()}") from exc
     finally:
         bar.close()
 
@@ -269,3 +369,4 @@ def _write(store: RunStore, key: str, marker: str, results: Sequence[Tables]) ->
         frames = [r[name] for r in results if name in r]
         frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
         store.put(name, key, frame)
+
