@@ -2,13 +2,16 @@
 
 Usage::
 
-    python benchmarks/throughput.py                    # 24 ParaRel queries, IG 20 steps
+    python benchmarks/throughput.py                    # 24 built-in queries, IG 20 steps
+    python benchmarks/throughput.py --dataset pararel:data/pararel   # ParaRel queries
     python benchmarks/throughput.py --workers 8 --threads-per-worker 2 --json runs/tp.json
     python benchmarks/throughput.py --quick            # 4 queries, 4 steps: does it run?
 
-A fixed set of ParaRel queries (the first ``--queries``, up to 4 per fact, one fact per
-relation in sorted relation order) is localized with IG over all layers of the embedded
-Gemma 3 270M (float32, CPU), each query the way a localize unit computes it
+A fixed set of queries (the first ``--queries``, up to 4 per fact, one fact per relation in
+sorted relation order) of ``--dataset`` (default: knowloc's built-in facts, so the script
+runs from any checkout; ``pararel:DIR`` or ``jsonl:FILE`` as in the CLI, or a ParaRel
+directory) is localized with IG over all layers of the embedded Gemma 3 270M (float32, CPU;
+``--model`` for another), each query the way a localize unit computes it
 (``knowloc.attribute`` with the library defaults), side by side:
 
 * ``local`` -- in this process, one query after the other, torch's default threads (all
@@ -26,15 +29,15 @@ units), the CPU utilisation (CPU seconds / wall / cores), and the share of the m
 near 0%). The two sides must agree (top-20 neurons, P(answer), max attribution); with a
 different number of torch threads the last bits may differ, which is reported.
 
-The projection for the ``paper`` preset: every ParaRel query (``--dataset``) x 3 methods
-(IG, SIG and AMIG cost the same number of integration points) / the measured rate. It is an
-upper bound: the preset localizes only facts the model knows.
+The projection: every query of ``--dataset`` x 3 methods (IG, SIG and AMIG cost the same
+number of integration points) / the measured rate; with ParaRel, that is the ``paper``
+preset's time. It is an upper bound: the preset localizes only facts the model knows.
 
 On a machine with CUDA (or with ``--device cpu`` to check the code path), the device
 section times the embedded Gemma in float32 and bfloat16 and a LLaMA-3-8B-sized model with
 random weights in bfloat16 (``LlamaConfig``: 32 layers, d_model 4096, MLP 14336, 32 heads,
 8 KV heads, vocabulary 128256; timing only, queried through SmolLM2's tokenizer, whose ids
-fit the vocabulary) and prints the projected GPU-hours for ParaRel x 3 methods.
+fit the vocabulary) and prints the projected GPU-hours for the dataset x 3 methods.
 
 This is a benchmark, not a test: nothing here asserts a speed.
 """
@@ -58,7 +61,6 @@ import torch
 from typing_extensions import Self
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from attribution import system_busy_seconds  # the sibling benchmark script
 
@@ -140,8 +142,20 @@ class Timer:
         return max(0.0, (self.busy - own_cpu) / (self.wall * (os.cpu_count() or 1)))
 
 
+def dataset_spec(dataset: str) -> str:
+    """A dataset as ``load_facts`` takes it: ``builtin``, ``pararel:DIR``, ``jsonl:FILE``; a
+    bare directory is a ParaRel directory."""
+    if dataset.split(":", 1)[0] in ("builtin", "pararel", "jsonl"):
+        return dataset
+    if Path(dataset).is_dir():
+        return f"pararel:{dataset}"
+    raise SystemExit(f"--dataset {dataset!r}: give builtin, pararel:DIR or jsonl:FILE")
+
+
 def pick_queries(dataset: str, n: int) -> list[Query]:
-    facts = load_facts(f"pararel:{dataset}", facts_per_relation=1, max_queries_per_fact=4)
+    """The first ``n`` queries, up to 4 per fact, of one fact per relation of ``dataset``."""
+    spec = dataset_spec(dataset)
+    facts = load_facts(spec, facts_per_relation=1, max_queries_per_fact=4)
     queries = facts.queries()[:n]
     if len(queries) < n:
         raise SystemExit(f"{dataset} has only {len(queries)} queries with these limits")
@@ -254,9 +268,9 @@ def device_section(queries: Sequence[Query], args: argparse.Namespace,
     rate, _ = timed_device_run(big, jobs[:n])
     hours = total * METHODS_IN_PAPER / rate / 3600
     out["llama3-8b-sized bfloat16"] = {"layers": args.llama_layers, "queries": n, "q/s": rate,
-                                       "paper GPU-hours": hours}
+                                       "projected GPU-hours": hours}
     print(f"  LLaMA-3-8B-sized ({args.llama_layers} layers) bfloat16 {rate:8.3f} queries/s "
-          f"({n} queries): ParaRel x {METHODS_IN_PAPER} methods = {total * METHODS_IN_PAPER:,} "
+          f"({n} queries): {total:,} queries x {METHODS_IN_PAPER} methods = {total * METHODS_IN_PAPER:,} "
           f"attributions -> {hours:,.1f} GPU-hours ({hours / 24:.2f} GPU-days)")
     free(big)
     return out
@@ -277,8 +291,12 @@ def duration(seconds: float) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default=str(REPO.parent / "shared" / "data" / "pararel"),
-                    help="ParaRel directory (default: ../shared/data/pararel from the repo)")
+    ap.add_argument("--dataset", default="builtin",
+                    help="builtin (default: knowloc's built-in facts), pararel:DIR or jsonl:FILE")
+    ap.add_argument("--model", default="gemma3-270m",
+                    help="the model of the CPU section (default: the embedded Gemma 3 270M)")
+    ap.add_argument("--executors", default="local,ray",
+                    help="comma-separated: local (this process), ray (local Ray workers)")
     ap.add_argument("--queries", type=int, default=24)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--workers", type=int, default=2)
@@ -298,41 +316,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "none"
 
-    queries = pick_queries(args.dataset, args.queries)
-    total = len(load_facts(f"pararel:{args.dataset}").queries())
+    executors = [e.strip() for e in args.executors.split(",") if e.strip()]
+    if not executors or set(executors) - {"local", "ray"}:
+        raise SystemExit(f"--executors {args.executors!r}: give local, ray or local,ray")
+    spec = dataset_spec(args.dataset)
+    queries = pick_queries(spec, args.queries)
+    total = len(load_facts(spec).queries())
+    pararel = spec.startswith("pararel:")
     print(f"machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}")
-    print(f"work: {len(queries)} ParaRel queries ({len({q.relation for q in queries})} relations), "
-          f"IG {args.steps} steps, gemma3-270m float32 on CPU")
-    model = load_model("gemma3-270m")
+    print(f"work: {len(queries)} queries of {spec} ({len({q.relation for q in queries})} "
+          f"relations), IG {args.steps} steps, {args.model} float32 on CPU")
+    model = load_model(args.model)
     jobs = [Job(q, args.steps, args.memory_gb) for q in queries]
-    phases = [run_local(model, jobs, args.warmup)]
-    phases.append(run_ray(model, jobs, args.workers, args.threads_per_worker))
-    local, ray_ = phases
+    phases: list[Phase] = []
+    local = ray_ = None
+    if "local" in executors:
+        local = run_local(model, jobs, args.warmup)
+        phases.append(local)
+    if "ray" in executors:
+        ray_ = run_ray(model, jobs, args.workers, args.threads_per_worker)
+        phases.append(ray_)
     threads = torch.get_num_threads()
-    if threads > 1:  # does the one process use its cores? the same, on one thread
+    if local is not None and threads > 1:  # does the one process use its cores? on one thread
         torch.set_num_threads(1)
-        phases.append(run_local(model, jobs, args.warmup))
+        one_thread = run_local(model, jobs, args.warmup)
+        phases.append(one_thread)
         torch.set_num_threads(threads)
     print_table([p.row() for p in phases])
-    agree = agreement(ray_.results, local.results)
-    print(f"  ratio ray / local: {ray_.rate / local.rate:.2f}x queries/s")
-    if len(phases) > 2:
-        print(f"  local {threads} threads / local 1 thread: {local.rate / phases[2].rate:.2f}x "
+    agree = None
+    if local is not None and ray_ is not None:
+        agree = agreement(ray_.results, local.results)
+        print(f"  ratio ray / local: {ray_.rate / local.rate:.2f}x queries/s")
+        print(f"  agreement ray vs local: {agree['bit_identical']}/{agree['queries']} "
+              f"bit-identical, {agree['same_top_neurons']}/{agree['queries']} same top-{TOP} "
+              f"neurons, max rel. error {agree['max_rel_error']:.1e}")
+    if local is not None and threads > 1:
+        print(f"  local {threads} threads / local 1 thread: {local.rate / one_thread.rate:.2f}x "
               "queries/s")
-    print(f"  agreement ray vs local: {agree['bit_identical']}/{agree['queries']} bit-identical, "
-          f"{agree['same_top_neurons']}/{agree['queries']} same top-{TOP} neurons, max rel. "
-          f"error {agree['max_rel_error']:.1e}")
     attributions = total * METHODS_IN_PAPER
-    print(f"paper preset: at most {total:,} ParaRel queries x {METHODS_IN_PAPER} methods = "
-          f"{attributions:,} attributions (only known facts are localized): "
+    what = "paper preset: at most" if pararel else "all"
+    print(f"{what} {total:,} queries of {spec} x {METHODS_IN_PAPER} methods = "
+          f"{attributions:,} attributions"
+          + (" (only known facts are localized)" if pararel else "") + ": "
           + ", ".join(f"{p.name.split(' ')[0]} {duration(attributions / p.rate)}"
                       for p in phases))
     report: dict[str, Any] = {
-        "cpus": os.cpu_count(), "torch": torch.__version__, "queries": len(queries),
-        "steps": args.steps, "phases": [p.row() for p in phases],
-        "ratio": ray_.rate / local.rate, "agreement": agree, "pararel_queries": total,
-        "paper_seconds": {p.name: attributions / p.rate for p in phases},
+        "cpus": os.cpu_count(), "torch": torch.__version__, "dataset": spec,
+        "model": args.model, "queries": len(queries), "steps": args.steps,
+        "phases": [p.row() for p in phases],
+        "ratio": ray_.rate / local.rate if local is not None and ray_ is not None else None,
+        "agreement": agree, "dataset_queries": total,
+        "projected_seconds": {p.name: attributions / p.rate for p in phases},
     }
     free(model)
     if args.device != "none":

@@ -72,3 +72,41 @@ def test_benchmark_runs_other_engines_when_one_is_absent(tmp_path: Path) -> None
     assert any("knowledge-neurons 0.0.2" in ln and "skipped (not installed" in ln for ln in lines)
     assert "gpt2-small-random: knowloc " in proc.stdout
     assert "skipping gpt2-small-random / knowledge-neurons" in proc.stderr
+
+
+THROUGHPUT = BENCH.parent / "throughput.py"
+
+
+def test_throughput_runs_without_a_dataset_argument(tiny_dir: Path, tmp_path: Path) -> None:
+    """A user's checkout has no ../shared: with no --dataset the benchmark takes knowloc's
+    built-in facts (smallest settings, the tiny model, this process only)."""
+    import shutil
+
+    checkout = tmp_path / "checkout" / "benchmarks"  # nothing beside it but the scripts
+    shutil.copytree(BENCH.parent, checkout, ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(BENCH.parents[1] / "src"), env.get("PYTHONPATH", "")]
+    ).rstrip(os.pathsep)
+    proc = subprocess.run(
+        [sys.executable, str(checkout / "throughput.py"), "--model", str(tiny_dir),
+         "--executors", "local", "--queries", "3", "--steps", "2", "--warmup", "0",
+         "--device", "none", "--json", str(tmp_path / "tp.json")],
+        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "work: 3 queries of builtin" in proc.stdout
+    rec = json.loads((tmp_path / "tp.json").read_text())
+    assert rec["dataset"] == "builtin" and rec["queries"] == 3
+    from knowloc.data import load_facts
+
+    assert rec["dataset_queries"] == len(load_facts("builtin").queries())
+    assert rec["phases"] and all(p["q/s"] > 0 for p in rec["phases"])
+    assert "shared" not in proc.stdout + proc.stderr
+
+
+def test_benchmarks_default_to_nothing_outside_the_repository() -> None:
+    # every benchmark's defaults stay inside the checkout
+    for script in sorted(BENCH.parent.glob("*.py")):
+        text = script.read_text(encoding="utf-8")
+        assert "REPO.parent" not in text and '"shared"' not in text, script.name
