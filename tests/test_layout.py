@@ -22,7 +22,7 @@ FLOORS: dict[str, int] = {
     "interventions": 5, "synapses": 5, "evaluation": 5,
     "pipeline": 6,
     "report": 7,
-    "reproduce": 8,
+    "reproduce": 8, "study": 8,
     "cli": 9,
 }
 

@@ -121,16 +121,20 @@ def _localize_one(args, selection) -> int:
 
 def _localize_dataset(args, selection) -> int:
     from ..data import load_facts, with_context
-    from ..pipeline.localize import LocalizeConfig, localize
-    from ..pipeline.run import model_fingerprint, seed_everything
+    from ..pipeline.localize import LocalizeConfig
+    from ..pipeline.run import seed_everything
     from ..store import RunStore, environment_info
+    from ..study.driver import note_timings, run_stages
+    from ..study.spec import RunSpec
+    from ..study.stages import Context, LocalizeStage
 
+    t0 = time.time()
     facts = load_facts(args.dataset, relations=args.relations,
                        facts_per_relation=args.facts_per_relation, seed=args.seed,
                        max_queries_per_fact=args.max_queries_per_fact)
     facts = with_context(facts, args.context)
     say(f"{len(facts)} facts, {len(facts.queries())} queries from {facts.source} "
-         f"(skipped: {dict(facts.skipped) or 'none'})")
+        f"(skipped: {dict(facts.skipped) or 'none'})")
     seed_everything(args.seed)
     executor = executor_of(args)
     model = load_model_of(args)
@@ -139,27 +143,28 @@ def _localize_dataset(args, selection) -> int:
                          memory_budget_gb=args.memory_gb, target=args.target,
                          keep_maps=args.keep_maps)
     store = RunStore(args.out)
-    config = {
-        "fingerprint": {"model": model_fingerprint(model), "n_steps": args.n_steps,
-                        "sig_mode": args.sig_mode, "selection": selection.as_dict(),
-                        "weights": model.weights_identity()["sha256"]},
-        "model": {"name": args.model, "device": args.device, "dtype": args.dtype},
-        "dataset": {"source": facts.source, "relations": facts.relations,
-                    "facts_per_relation": args.facts_per_relation,
-                    "max_queries_per_fact": args.max_queries_per_fact,
-                    "context": args.context,
-                    "n_facts": len(facts), "n_queries": len(facts.queries()),
-                    "skipped": dict(facts.skipped)},
-        "localize": cfg.as_dict(),
-        "seed": args.seed,
-    }
-    store.write_config(config, overwrite=args.overwrite)
+    spec = RunSpec(model={"name": args.model, "device": args.device, "dtype": args.dtype},
+                   seed=args.seed, localize=cfg)
+    if (store.root / "config.yaml").exists():
+        from ..study.spec import read_spec
+
+        old = read_spec(store)  # keep the sections of the stages after localization
+        spec.consistency, spec.modify, spec.modify_extra = (old.consistency, old.modify,
+                                                            old.modify_extra)
+        spec.intervene, spec.attention, spec.preset = old.intervene, old.attention, old.preset
+    spec.describe_dataset(facts, relations=facts.relations,
+                          facts_per_relation=args.facts_per_relation,
+                          max_queries_per_fact=args.max_queries_per_fact, context=args.context)
+    spec.with_model(model).write(store, overwrite=args.overwrite)
     store.write_env(environment_info({"command": "localize", "argv": args.argv,
                                       "weights": model.weights_identity()}))
-    res = localize(model, facts, store, cfg, progress=not args.quiet, executor=executor)
+    ctx = Context(store, spec, model=model, executor=executor, progress=not args.quiet,
+                  facts=facts)
+    timings: dict[str, float] = {}
+    res = run_stages([LocalizeStage(cfg)], ctx, timings=timings)["localize"].result
+    note_timings(store, "localize", {**timings, "total": round(time.time() - t0, 1)})
     q = res.queries
-    print(f"localized {res.computed} queries ({res.skipped_done} already done) in "
-          f"{res.seconds:.1f} s -> {store.root}")
+    print(f"localized {res.computed} queries ({res.skipped_done} already done) -> {store.root}")
     if len(q):
         summary = q.groupby("method").agg(queries=("query_id", "count"),
                                           known=("known", "mean"),
@@ -168,10 +173,22 @@ def _localize_dataset(args, selection) -> int:
     return 0
 
 
+def _run_stage(stage: Any, ctx: Any, command: str) -> Any:
+    """Run one stage through the driver and record this invocation's timing."""
+    from ..study.driver import note_timings, run_stages
+
+    timings: dict[str, float] = {}
+    t0 = time.time()
+    done = run_stages([stage], ctx, timings=timings)[stage.name]
+    note_timings(ctx.store, command, {**timings, "total": round(time.time() - t0, 1)})
+    return done
+
+
 def cmd_consistency(args) -> int:
-    from ..pipeline.consistency import consistency
-    from ..report.stages import present_consistency
+    from ..pipeline.consistency import ConsistencyConfig
     from ..store import RunStore
+    from ..study.spec import read_spec
+    from ..study.stages import ConsistencyStage, Context
 
     if args.localize:
         args.out = args.run
@@ -184,9 +201,10 @@ def cmd_consistency(args) -> int:
                           "run `knowloc localize --dataset ... --out RUN` first")
     open_run_log(args, args.run)
     store = RunStore(args.run, create=False)
-    shown = present_consistency(store, consistency(store, population=args.population,
-                                                   static_threshold=args.static_threshold,
-                                                   allow_partial=args.allow_partial))
+    cfg = ConsistencyConfig(args.population, args.static_threshold).validate()
+    ctx = Context(store, read_spec(store), allow_partial=args.allow_partial)
+    shown = _run_stage(ConsistencyStage(cfg), ctx, "consistency").shown
+    assert shown is not None
     print(shown.markdown["table1"])
     print(f"\nwrote {args.run / 'table1.md'}, table1.csv, consistency.parquet and "
           f"{len(shown.figures)} violin plot(s) under {args.run / 'figures'}")
@@ -230,16 +248,20 @@ def _load_run_model(args, config: dict) -> Any:
     return model
 
 
-def _record_stage_config(store, section: str, values: dict) -> None:
-    config = store.read_config()
-    config[section] = values
-    store.write_config(config)
+def _stage_context(args, store, model) -> Any:
+    from ..study.spec import read_spec
+    from ..study.stages import Context
+
+    return Context(store, read_spec(store), model=model, executor=args.executor_obj,
+                   progress=not args.quiet, allow_partial=args.allow_partial,
+                   ppl_text=getattr(args, "ppl_text", None),
+                   heatmaps=not getattr(args, "no_heatmaps", False))
 
 
 def cmd_modify(args) -> int:
     from ..evaluation import load_ppl_corpus
-    from ..pipeline.modify import ModifyConfig, modify
-    from ..report.stages import present_modification
+    from ..pipeline.modify import ModifyConfig
+    from ..study.stages import ModifyStage
 
     cfg = ModifyConfig(ops=args.op, sets=args.edit_set, methods=args.method,
                        split_threshold=args.split_threshold, n_locality=args.n_locality,
@@ -251,12 +273,12 @@ def cmd_modify(args) -> int:
     if corpus.builtin:
         say("no --ppl-text given: ΔPPL is measured on knowloc's small built-in English corpus, "
              "not WikiText-2")
-    executor = executor_of(args)
+    args.executor_obj = executor_of(args)
     model = _load_run_model(args, config)
-    res = modify(model, store, cfg, ppl_text=args.ppl_text, progress=not args.quiet,
-                 allow_partial=args.allow_partial, executor=executor)
-    shown = present_modification(store, res)
-    _record_stage_config(store, "modify", {**cfg.as_dict(), "ppl": res.ppl})
+    ctx = _stage_context(args, store, model)
+    ctx.spec.modify_extra["ppl_text"] = corpus.source
+    done = _run_stage(ModifyStage(cfg), ctx, "modify")
+    res, shown = done.result, done.shown
     print(shown.markdown["table2"])
     if "table3" in shown.markdown:
         print("\n" + shown.markdown["table3"])
@@ -268,20 +290,18 @@ def cmd_modify(args) -> int:
 
 
 def cmd_intervene(args) -> int:
-    from ..pipeline.mapping import MappingConfig, query_kn_mapping
+    from ..pipeline.mapping import MappingConfig
     from ..pipeline.run import parse_threshold
-    from ..report.stages import present_mapping
+    from ..study.stages import MappingStage
 
     cfg = MappingConfig(methods=args.method,
                         split_threshold=parse_threshold(args.split_threshold),
                         enhance=args.enhance, only_known=not args.all_queries)
     store, config = _open_run_for_editing(args)
-    executor = executor_of(args)
+    args.executor_obj = executor_of(args)
     model = _load_run_model(args, config)
-    res = query_kn_mapping(model, store, cfg, progress=not args.quiet,
-                           allow_partial=args.allow_partial, executor=executor)
-    shown = present_mapping(store, res)
-    _record_stage_config(store, "intervene", cfg.as_dict())
+    done = _run_stage(MappingStage(cfg), _stage_context(args, store, model), "intervene")
+    res, shown = done.result, done.shown
     import pandas as pd
 
     with pd.option_context("display.width", 160, "display.max_columns", 20):
@@ -294,20 +314,17 @@ def cmd_intervene(args) -> int:
 
 
 def cmd_attention(args) -> int:
-    from ..pipeline.attention import AttentionConfig, attention_experiment
-    from ..report.stages import present_attention
+    from ..pipeline.attention import AttentionConfig
+    from ..study.stages import AttentionStage
 
     cfg = AttentionConfig(methods=args.method, split_threshold=args.split_threshold,
                           alpha=args.alpha, enhance=args.enhance,
                           only_known=not args.all_queries, seed=args.seed).validate()
     store, config = _open_run_for_editing(args)
-    executor = executor_of(args)
+    args.executor_obj = executor_of(args)
     model = _load_run_model(args, config)
-    res = attention_experiment(model, store, cfg, heatmaps=not args.no_heatmaps,
-                               progress=not args.quiet, allow_partial=args.allow_partial,
-                               executor=executor)
-    shown = present_attention(store, res)
-    _record_stage_config(store, "attention", cfg.as_dict())
+    done = _run_stage(AttentionStage(cfg), _stage_context(args, store, model), "attention")
+    res, shown = done.result, done.shown
     import pandas as pd
 
     with pd.option_context("display.width", 160, "display.max_columns", 20):
@@ -413,6 +430,26 @@ def cmd_query(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from ..study.report import render_report
+
+    if not args.run.is_dir():
+        raise ConfigError(f"run directory {args.run} does not exist")
+    path = render_report(args.run, args.out)
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from ..study.status import format_status, run_status, status_json
+
+    if not args.run.is_dir():
+        raise ConfigError(f"run directory {args.run} does not exist")
+    status = run_status(args.run, log_lines=args.log_lines)
+    print(status_json(status) if args.json else format_status(status))
+    return 0
+
+
 def cmd_models(args) -> int:
     from ..embedded import EMBEDDED, embedded_license_note
     from ..models import supported_architectures
@@ -432,5 +469,7 @@ COMMANDS = {
     "heatmap": cmd_heatmap,
     "reproduce": cmd_reproduce,
     "query": cmd_query,
+    "report": cmd_report,
+    "status": cmd_status,
     "models": cmd_models,
 }

@@ -43,28 +43,16 @@ _CONFIG_RECORDED = {"fingerprint", "dataset.n_facts", "dataset.n_queries",
 
 
 def _config_schema() -> dict[str, dict[str, Any] | None]:
-    """Section -> its keys with their defaults (None for a top-level value): the schema
-    ``knowloc localize`` and ``knowloc reproduce`` write ``config.yaml`` in."""
-    from dataclasses import fields
+    """Section -> its keys with their defaults (None for a top-level value): the one schema
+    every run's ``config.yaml`` is written in (:func:`knowloc.study.spec.config_schema`),
+    plus the dataset sizes older versions wrote under other names."""
+    from ..study.spec import config_schema
 
-    from ..pipeline.attention import AttentionConfig
-    from ..pipeline.localize import LocalizeConfig
-    from ..pipeline.mapping import MappingConfig
-    from ..pipeline.modify import ModifyConfig
-    from ..reproduce import Preset
-
-    return {
-        "fingerprint": None, "seed": None,
-        "model": dict.fromkeys(("name", "device", "dtype")),
-        "dataset": dict.fromkeys(("source", "relations", "facts_per_relation",
-                                  "max_queries_per_fact", "context", "n_facts", "n_queries",
-                                  "n_facts_loaded", "n_queries_loaded", "skipped")),
-        "localize": LocalizeConfig().as_dict(),
-        "preset": {f.name: None for f in fields(Preset)},
-        "modify": {**ModifyConfig().as_dict(), "ppl": None, "ppl_text": None},
-        "intervene": MappingConfig().as_dict(),
-        "attention": AttentionConfig().as_dict(),
-    }
+    schema = config_schema()
+    dataset = schema["dataset"]
+    assert dataset is not None
+    dataset.update(dict.fromkeys(("n_facts_loaded", "n_queries_loaded")))
+    return schema
 
 
 def _read_config_file(path: Path) -> dict:

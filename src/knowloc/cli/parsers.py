@@ -318,12 +318,32 @@ def _query_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _report_parser(sub: Any) -> argparse.ArgumentParser:
+    p = _add_parser(sub, "report", "render report.html from a run directory alone, for the "
+                                   "stages it holds (no model is loaded)")
+    p.add_argument("run", type=Path, help="run directory")
+    p.add_argument("--out", type=Path, default=None,
+                   help="the HTML file to write (default: RUN/report.html)")
+    return p
+
+
+def _status_parser(sub: Any) -> argparse.ArgumentParser:
+    p = _add_parser(sub, "status", "what a run holds and how far it is: stages, units done / "
+                                   "planned, the process computing in it, the log (read only)")
+    p.add_argument("run", type=Path, help="run directory")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--log-lines", type=int, default=10,
+                   help="how many of knowloc.log's last lines to show")
+    return p
+
+
 def _models_parser(sub: Any) -> argparse.ArgumentParser:
     return _add_parser(sub, "models", "list the embedded models and supported architectures")
 
 
 PARSERS = (_localize_parser, _consistency_parser, _reproduce_parser, _modify_parser,
-           _intervene_parser, _attention_parser, _heatmap_parser, _query_parser, _models_parser)
+           _intervene_parser, _attention_parser, _heatmap_parser, _query_parser, _report_parser,
+           _status_parser, _models_parser)
 
 
 def _add_common_args(p: argparse.ArgumentParser, *, top: bool = False) -> None:

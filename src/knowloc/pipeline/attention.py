@@ -281,6 +281,22 @@ def attention_experiment(
     stats = run_units(attention_units(model, run, cfg), attend_fact, store, model=model,
                       marker="predominance", consolidate=ATTENTION_TABLES, executor=executor,
                       desc="attention", unit_name="fact", progress=progress)
+    panels = heatmap_panels(model, store, run, cfg, executor=executor,
+                            progress=progress) if heatmaps else {}
+    res = attention_result(store, run, cfg, query_ids, panels)
+    res.computed, res.skipped_done, res.seconds = stats.computed, stats.skipped_done, \
+        time.time() - t0
+    return res
+
+
+def attention_result(store: RunStore, run: RunFacts, cfg: AttentionConfig,
+                     query_ids: set[str] | None = None,
+                     panels: dict[str, HeatmapPanel] | None = None) -> AttentionResult:
+    """Figures 5 and 6 of the stored attention tables of ``run``'s split (no model): what
+    :func:`attention_experiment` returns, from a run directory. ``panels``: the heatmap
+    panels (default: those of the stored ``heatmaps`` table)."""
+    if panels is None:
+        panels = stored_heatmap_panels(store)
     fact_ids = set(run.split["fact_id"])
     pred = store.table("predominance")
     pred = pred[pred["fact_id"].isin(fact_ids)] if len(pred) else pred
@@ -296,13 +312,23 @@ def attention_experiment(
         eff = eff[keep]
         if query_ids is not None:
             eff = eff[eff["query_id"].isin(query_ids)]
-    panels = heatmap_panels(model, store, run, cfg, executor=executor,
-                            progress=progress) if heatmaps else {}
     return AttentionResult(pred.reset_index(drop=True), aq.reset_index(drop=True),
                            eff.reset_index(drop=True), figure5_table(pred, run.split),
                            figure6_table(eff, run.split, only_known=cfg.only_known), run.split,
-                           run.methods, cfg.only_known, panels, stats.computed,
-                           stats.skipped_done, time.time() - t0)
+                           run.methods, cfg.only_known, panels, 0, 0, 0.0)
+
+
+def stored_heatmap_panels(store: RunStore) -> dict[str, HeatmapPanel]:
+    """The heatmap panels of the run's current ``heatmaps`` table (K_I / K_II -> panel)."""
+    table = store.table("heatmaps")
+    if table.empty:
+        return {}
+    panels = {}
+    for kind, g in table.groupby("panel", sort=False):
+        panels[str(kind)] = HeatmapPanel(str(g["fact_id"].iloc[0]), str(g["method"].iloc[0]),
+                                         g.reset_index(drop=True))
+    order = {"K_I": 0, "K_II": 1}
+    return dict(sorted(panels.items(), key=lambda kv: (order.get(kv[0], 2), kv[0])))
 
 
 def _method_rank(methods: pd.Series) -> pd.Series:

@@ -13,13 +13,34 @@ from typing import Any
 import pandas as pd
 
 from .. import consistency as cons
-from ..errors import RunError
+from ..errors import ConfigError, RunError
 from ..store import RunStore
 from .units import Executor, Unit, require_complete, run_units
 
 log = logging.getLogger(__name__)
 
 CONSISTENCY_SORT = ["method", "fact_id"]
+
+
+@dataclass
+class ConsistencyConfig:
+    """The consistency analysis: which facts count (``population``: ``known``, facts whose
+    answer is the model's top-1 on at least one query, or ``all``) and the static K_I/K_II
+    threshold of Table 1 (Otsu's threshold is always computed beside it)."""
+
+    population: str = "known"
+    static_threshold: float = 0.1
+
+    def validate(self) -> ConsistencyConfig:
+        if self.population not in ("known", "all"):
+            raise ConfigError(f"population must be 'known' or 'all' (got {self.population!r})")
+        if not 0 <= self.static_threshold <= 1:
+            raise ConfigError(f"the static threshold must lie in [0, 1] "
+                              f"(got {self.static_threshold})")
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"population": self.population, "static_threshold": self.static_threshold}
 
 
 @dataclass
@@ -75,6 +96,11 @@ def consistency(store: RunStore, *, population: str = "known", static_threshold:
               store, model=None, marker="consistency",
               consolidate={"consistency": CONSISTENCY_SORT}, executor=executor,
               desc="consistency", unit_name="run", progress=False, resume=False)
-    scores = store.get("consistency", "all")
+    return consistency_result(store.get("consistency", "all"), static_threshold)
+
+
+def consistency_result(scores: pd.DataFrame, static_threshold: float) -> ConsistencyResult:
+    """Table 1 and the skip summary of stored consistency ``scores`` (no model, no
+    recomputation of CS1/CS2): what :func:`consistency` returns, from a run directory."""
     t1 = cons.table1(scores, thresholds=(("St", static_threshold), ("Ot", "otsu")))
     return ConsistencyResult(scores, t1, cons.skipped_summary(scores), static_threshold)

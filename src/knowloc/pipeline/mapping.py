@@ -20,6 +20,7 @@ from ..attribution import sort_methods
 from ..models import Model
 from ..store import RunStore
 from .run import (
+    RunFacts,
     key_config,
     parse_threshold,
     read_run,
@@ -162,6 +163,15 @@ def query_kn_mapping(
     stats = run_units(units, intervene_fact, store, model=model, marker="interventions",
                       consolidate={"interventions": INTERVENTION_SORT}, executor=executor,
                       desc="intervening", unit_name="fact", progress=progress)
+    res = mapping_result(store, run, cfg)
+    res.computed, res.skipped_done, res.seconds = stats.computed, stats.skipped_done, \
+        time.time() - t0
+    return res
+
+
+def mapping_result(store: RunStore, run: RunFacts, cfg: MappingConfig) -> MappingResult:
+    """Figure 4 of the stored ``interventions`` of ``run``'s split (no model): what
+    :func:`query_kn_mapping` returns, from a run directory."""
     table = store.table("interventions")
     if len(table):
         pairs = set(zip(run.split["method"], run.split["fact_id"]))
@@ -171,7 +181,7 @@ def query_kn_mapping(
             kq = set(zip(known["method"], known["query_id"]))
             table = table[[(m, q) in kq for m, q in zip(table["method"], table["query_id"])]]
     return MappingResult(table.reset_index(drop=True), figure4_table(table, run.split),
-                         run.methods, stats.computed, stats.skipped_done, time.time() - t0)
+                         run.methods, 0, 0, 0.0)
 
 
 def figure4_table(interventions: pd.DataFrame, split: pd.DataFrame) -> pd.DataFrame:

@@ -407,17 +407,26 @@ def modify(
     stats = run_units(units, edit_unit_rows, store, model=model, setup=EditState,
                       marker="edits", consolidate={"edits": EDIT_SORT}, executor=executor,
                       desc="editing", progress=progress)
+    res = modify_result(store, run, ppl_config)
+    store.put("metrics", "table2", res.table2)
+    store.consolidate("metrics")
+    res.computed, res.skipped_done, res.seconds = stats.computed, stats.skipped_done, \
+        time.time() - t0
+    return res
+
+
+def modify_result(store: RunStore, run: RunFacts, ppl_config: dict[str, Any]) -> ModifyResult:
+    """Tables 2 and 3 of the stored ``edits`` of the facts of ``run``'s split (no model):
+    what :func:`modify` returns, from a run directory (``computed``, ``skipped_done`` and
+    ``seconds`` are 0 here)."""
     edits = store.table("edits")
     if len(edits):
         pairs = set(zip(run.split["method"], run.split["fact_id"]))
         keep = [(m, f) in pairs for m, f in zip(edits["method"], edits["fact_id"])]
         edits = edits[keep].reset_index(drop=True)
     t2 = table2(edits, run.split)
-    store.put("metrics", "table2", t2)
-    store.consolidate("metrics")
     t3 = (table3(edits, run.split) if len(edits) and (edits["set"] == "cas").any() else None)
-    return ModifyResult(edits, t2, stats.computed, stats.skipped_done, time.time() - t0,
-                        ppl_config, t3)
+    return ModifyResult(edits, t2, 0, 0, 0.0, ppl_config, t3)
 
 
 # ------------------------------------------------------------------------------ tables

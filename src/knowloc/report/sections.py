@@ -15,7 +15,7 @@ from ..pipeline.attention import AttentionResult
 from ..pipeline.consistency import ConsistencyResult
 from ..pipeline.mapping import MappingResult
 from ..pipeline.modify import ModifyResult
-from ..store import RunStore
+from ..store import RunStore, write_csv
 from .figures import kn_layers, method_label
 from .html import Section, build_report
 from .stages import Shown
@@ -106,20 +106,23 @@ def localization_section(store: RunStore, queries: pd.DataFrame, screened: pd.Da
     if len(neurons):
         neurons = neurons[neurons["query_id"].isin(set(queries["query_id"]))]
     summary = localization_summary(queries)
-    summary.to_csv(store.path("localization_summary.csv"), index=False)
+    write_csv(store.path("localization_summary.csv"), summary)
     layer_png, layer_csv = kn_layers(store, neurons, n_layers)
-    screened_summary = screen_summary(screened)
-    screened_summary.to_csv(store.path("screen_summary.csv"), index=False)
+    tables: list[tuple[str, pd.DataFrame, Path | None]] = [
+        ("Knowledge neurons per query, by method", format_table(summary, LOCALIZATION_DISPLAY),
+         store.path("localization_summary.csv"))]
+    if len(screened):  # a run localized without screening (knowloc localize) has none
+        screened_summary = screen_summary(screened)
+        write_csv(store.path("screen_summary.csv"), screened_summary)
+        tables.append(("Screened queries per relation (one forward pass each)",
+                       format_table(screened_summary, SCREEN_DISPLAY),
+                       store.path("screen_summary.csv")))
     examples = queries.sort_values(["method", "relation", "query_id"]).head(30)[
         ["method", "relation", "prompt", "answer", "predicted", "prob", "known", "n_neurons"]]
+    tables.append(("Example queries (first 30)", format_table(examples, EXAMPLES_DISPLAY), None))
     return Section(
         title="Localization",
-        tables=[("Knowledge neurons per query, by method",
-                 format_table(summary, LOCALIZATION_DISPLAY),
-                 store.path("localization_summary.csv")),
-                ("Screened queries per relation (one forward pass each)",
-                 format_table(screened_summary, SCREEN_DISPLAY), store.path("screen_summary.csv")),
-                ("Example queries (first 30)", format_table(examples, EXAMPLES_DISPLAY), None)],
+        tables=tables,
         figures=[("Share of knowledge neurons per layer", layer_png, layer_csv)],
     )
 
