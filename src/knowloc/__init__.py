@@ -29,6 +29,8 @@ _EXPORTS = {
     "Attribution": "knowloc.attribution",
     "knowledge_neurons": "knowloc.neurons",
     "NeuronSet": "knowloc.neurons",
+    "consistency_of": "knowloc.consistency",
+    "Consistency": "knowloc.consistency",
     "KnowlocError": "knowloc.errors",
 }
 
@@ -44,6 +46,8 @@ __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
     "Attribution",
     "knowledge_neurons",
     "NeuronSet",
+    "consistency_of",
+    "Consistency",
     "KnowlocError",
     "__version__",
 ]
