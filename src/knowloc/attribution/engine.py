@@ -96,6 +96,33 @@ class Attribution:
             for v, i in zip(vals, idx)
         ]
 
+    def to_frame(self, *, top: int | None = None, meta: bool = False) -> Any:
+        """The map as a pandas DataFrame, one row per MLP neuron: ``layer, neuron,
+        attribution, activation`` (float64, exactly ``scores`` and ``activations``), in
+        (layer, neuron) order, or the ``top`` highest-scoring neurons, highest first.
+        ``df.attrs`` holds what was attributed (prompt, answer, method, prob, top1,
+        predicted, target_ids, fact_id, query_id, relation, config); ``meta=True`` also
+        puts ``method, fact_id, query_id, prompt, answer`` as first columns, so the frames of
+        many attributions concatenate into one table."""
+        from .views import attribution_frame
+
+        return attribution_frame(self, top=top, meta=meta)
+
+    def plot(self, threshold: float = 0.2, ax: Any = None) -> Any:
+        """A scatter of every neuron's score against its layer with the knowledge-neuron
+        line at ``threshold × max`` (:func:`knowloc.knowledge_neurons`); the neurons above
+        it are highlighted. Draws into ``ax`` when given, else into a new figure (no pyplot
+        state); returns the matplotlib Figure."""
+        from .views import plot_attribution
+
+        return plot_attribution(self, threshold, ax)
+
+    def _repr_html_(self) -> str:
+        """Notebook display: prompt, answer, P(answer), knowledge neurons and top neurons."""
+        from .views import attribution_html
+
+        return attribution_html(self)
+
     def save(self, path: str | Path) -> Path:
         """Write the full map, the activations and every other field to ``path`` (a torch
         file, ``.pt`` by convention); :meth:`load` reads it back exactly."""
