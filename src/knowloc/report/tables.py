@@ -16,6 +16,7 @@ from ..pipeline.consistency import ConsistencyResult
 from ..pipeline.mapping import MappingResult
 from ..pipeline.modify import EDIT_OPS, EDIT_SETS, ModifyResult
 from ..store import RunStore
+from ..store.io import atomic_write_text, write_csv
 from .figures import method_label
 from .stats import SPREAD_NOTE, ci95, run_kinds
 
@@ -180,9 +181,9 @@ def table1_display(t1: pd.DataFrame) -> pd.DataFrame:
 def write_table1(store: RunStore, res: ConsistencyResult) -> str:
     """``table1.csv``, ``table1.md`` and ``consistency_skipped.csv``; returns the Markdown."""
     md = markdown_table(table1_display(res.table1)) + "\n"
-    res.table1.to_csv(store.path("table1.csv"), index=False)
-    store.path("table1.md").write_text(md + "\n")
-    res.skipped.to_csv(store.path("consistency_skipped.csv"), index=False)
+    write_csv(store.path("table1.csv"), res.table1)
+    atomic_write_text(store.path("table1.md"), md + "\n")
+    write_csv(store.path("consistency_skipped.csv"), res.skipped)
     return md
 
 
@@ -199,25 +200,25 @@ def write_tables23(store: RunStore, res: ModifyResult) -> tuple[str, str | None]
     note = corpus_note(res.ppl)
     edits = edits_with_kinds(store, res)
     md2 = table2_markdown(res.table2, corpus_note=note, edits=edits)
-    res.table2.to_csv(store.path("table2.csv"), index=False)
-    store.path("table2.md").write_text(md2 + "\n")
+    write_csv(store.path("table2.csv"), res.table2)
+    atomic_write_text(store.path("table2.md"), md2 + "\n")
     md3 = None
     if res.table3 is not None:
         md3 = table3_markdown(res.table3, corpus_note=note, edits=edits)
-        res.table3.to_csv(store.path("table3.csv"), index=False)
-        store.path("table3.md").write_text(md3 + "\n")
+        write_csv(store.path("table3.csv"), res.table3)
+        atomic_write_text(store.path("table3.md"), md3 + "\n")
     return md2, md3
 
 
 def write_figure4(store: RunStore, res: MappingResult) -> None:
     """``figure4.csv``."""
-    res.figure4.to_csv(store.path("figure4.csv"), index=False)
+    write_csv(store.path("figure4.csv"), res.figure4)
 
 
 def write_figures56(store: RunStore, res: AttentionResult) -> None:
     """``figure5.csv`` and ``figure6.csv``."""
-    res.figure5.to_csv(store.path("figure5.csv"), index=False)
-    res.figure6.to_csv(store.path("figure6.csv"), index=False)
+    write_csv(store.path("figure5.csv"), res.figure5)
+    write_csv(store.path("figure6.csv"), res.figure6)
 
 
 def localization_summary(queries: pd.DataFrame) -> pd.DataFrame:
