@@ -15,6 +15,7 @@ from knowloc.models import (
     find_adapter,
     resolve_device,
     resolve_dtype,
+    self_check,
     supported_architectures,
     wrap,
 )
@@ -118,7 +119,7 @@ def test_gpt2_without_n_inner_means_four_times_hidden():
 
 def test_self_check_passes(tiny):
     tiny.checked = False
-    tiny.self_check()
+    self_check(tiny)
     assert tiny.checked
     assert _no_hooks_left(tiny)
 
@@ -129,10 +130,10 @@ def test_self_check_catches_a_wrong_hook_site(arch):
     bad_adapter = dataclasses.replace(good.adapter, down_proj=WRONG_SITE[arch])
     bad = Model(hf=good.hf, tokenizer=good.tokenizer, adapter=bad_adapter, name="broken")
     with pytest.raises(ModelError, match="self-check failed"):
-        bad.self_check()
+        self_check(bad)
     assert not bad.checked
     assert _no_hooks_left(good)
-    good.self_check()  # the model itself is untouched
+    self_check(good)  # the model itself is untouched
 
 
 def test_self_check_catches_a_wrong_weight_orientation():
@@ -140,7 +141,7 @@ def test_self_check_catches_a_wrong_weight_orientation():
     bad = Model(hf=good.hf, tokenizer=good.tokenizer,
                 adapter=dataclasses.replace(good.adapter, down_proj_conv1d=True), name="broken")
     with pytest.raises(ModelError, match="self-check failed"):
-        bad.self_check()
+        self_check(bad)
     assert _no_hooks_left(good)
 
 
@@ -163,7 +164,7 @@ def test_self_check_catches_a_wrong_site_of_the_right_shape(site):
     bad = Model(hf=good.hf, tokenizer=good.tokenizer,
                 adapter=dataclasses.replace(good.adapter, down_proj=site), name="broken")
     with pytest.raises(ModelError):
-        bad.self_check()
+        self_check(bad)
 
 
 # ---------------------------------------------------------- hooks and value vectors

@@ -16,13 +16,12 @@ numbers keep their batching fixed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
-if TYPE_CHECKING:
-    from .model import Model
+from .model import ActivationFn, Model
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +39,10 @@ __all__ = [
     "next_token_logits",
     "next_token_probs",
     "probs_from_hidden",
+    "prompt_activations",
+    "prompt_probs",
 ]
 
-#: ``fn(layer, h) -> h'``: what an activation hook does with the down-projection input
-#: ``h`` ``[batch, seq, d_mlp]`` of one layer.
-ActivationFn = Callable[[int, torch.Tensor], torch.Tensor]
 TokenIds = torch.Tensor | Sequence[Sequence[int]]
 
 
@@ -130,6 +128,24 @@ def last_activations(model: Model, ids: TokenIds) -> torch.Tensor:
     with model.hook_activations(grab):
         model.base_model()(input_ids=x, use_cache=False)
     return out
+
+
+def prompt_probs(model: Model, prompts: Sequence[str] | Sequence[Sequence[int]]) -> torch.Tensor:
+    """``[n, vocab]`` float32 next-token probabilities after each prompt (a string, encoded
+    with :meth:`Model.encode_prompt`, or token ids), one pass per prompt, so prompts of any
+    lengths give the numbers a batch of one gives (:func:`next_token_probs`)."""
+    rows = []
+    for p in prompts:
+        ids = model.encode_prompt(p) if isinstance(p, str) else list(p)
+        rows.append(next_token_probs(model, [ids])[0])
+    return torch.stack(rows)
+
+
+def prompt_activations(model: Model, prompt_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """``[n_layers, d_mlp]`` neuron activations at the last position of one prompt (model
+    dtype, on the model's device; :func:`last_activations` of a batch of one)."""
+    ids = torch.as_tensor(prompt_ids, device=model.device).reshape(1, -1)
+    return last_activations(model, ids)[0]
 
 
 @torch.no_grad()
