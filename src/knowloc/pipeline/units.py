@@ -44,6 +44,7 @@ actor classes do with their ``__init__``: ``setup(model)`` returns the worker's 
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 import sys
@@ -58,7 +59,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import RunError, RunIncompleteError
-from ..store import RunStore
+from ..store import RunStore, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +216,7 @@ def run_units(
     with store.lock():
         for table in {marker, *(consolidate or {})}:
             store.set_current(table, list(groups))
+        record_plan(store, marker, units)
         done = store.done_keys(marker) if resume else set()
         todo = [k for k in groups if k not in done or not _holds(store, marker, groups[k])]
         n_done = len(units) - sum(len(groups[k]) for k in todo)
@@ -370,3 +372,33 @@ def _write(store: RunStore, key: str, marker: str, results: Sequence[Tables]) ->
         frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
         store.put(name, key, frame)
 
+
+#: Per table, the method of each current unit (``knowloc status`` counts units by method).
+PLAN_FILE = ".plan.json"
+
+
+def record_plan(store: RunStore, marker: str, units: Sequence[Unit]) -> None:
+    """Record the method of each unit (from its ``ident``, when it names one) beside the
+    marker table's parts, so that ``knowloc status`` counts planned units by method."""
+    methods = {u.key: str(u.ident["method"]) for u in units
+               if u.ident is not None and "method" in u.ident}
+    if not methods:
+        return
+    path = store.root / "parts" / marker / PLAN_FILE
+    text = json.dumps({"methods": dict(sorted(methods.items()))}) + "\n"
+    if path.exists() and path.read_text(encoding="utf-8") == text:
+        return
+    atomic_write_text(path, text, fsync=store.fsync)
+
+
+def plan_groups(store: RunStore, marker: str) -> dict[str, str]:
+    """The method of each unit of the marker table's current plan (:func:`record_plan`);
+    empty when the stage's units name no method."""
+    path = store.root / "parts" / marker / PLAN_FILE
+    if not path.exists():
+        return {}
+    try:
+        return {str(k): str(v) for k, v in
+                json.loads(path.read_text(encoding="utf-8")).get("methods", {}).items()}
+    except (json.JSONDecodeError, AttributeError):
+        return {}
