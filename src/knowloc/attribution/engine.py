@@ -45,12 +45,13 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError, DataError
 from ..models import ActivationFn, Model
 from ..models.compat import cache_kwargs, output_cache, repeat_cache_rows
-from .head import HeadOutput, head_rows, target_prob_grad, work_dtype
+from .head import HEAD_BLOCK, HeadOutput, head_rows, target_prob_grad, work_dtype
 from .methods import AttributionConfig, AttributionMethod
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Attribution", "PrefixRunner", "attribute", "auto_batch_size", "plan_passes"]
+__all__ = ["Attribution", "PrefixRunner", "attribute", "auto_batch_size", "completeness_gap",
+           "plan_passes"]
 
 
 @dataclass
@@ -62,6 +63,12 @@ class Attribution:
     ``target_ids`` (teacher-forced product; ``target_id`` is the first of them). ``top1``:
     greedy decoding after the prompt reproduces ``target_ids``; ``predicted`` is the greedy
     continuation up to the first token that differs (one token for a one-token target).
+
+    ``completeness_gap`` ``[n_layers]`` (float64) is, per layer l, how far the integral is
+    from IG's completeness: ``|sum_p Attr(l, p) - (P(a_l) - P(b_l))| / |P(a_l) - P(b_l)|``
+    on the raw (unnormalized) map, b_l the method's baseline (the worst baseline of SIG's
+    per-token mode); 0 for the exact integral, so it says when the number of points is too
+    small. None for an attribution saved before knowloc computed it.
     """
 
     prompt: str
@@ -80,6 +87,7 @@ class Attribution:
     relation: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     target_ids: tuple[int, ...] = ()
+    completeness_gap: torch.Tensor | None = None
 
     @property
     def n_layers(self) -> int:
@@ -294,17 +302,21 @@ class _StaircasePatch:
     batch, and puts the ``counts[k]`` patched points ``b + alpha (a - b)`` of that layer, as
     leaves, at position 0 of the rows that joined at this layer (their answer positions keep
     the unpatched values: the patch reaches them from the next layer on, through
-    attention). In the first pass it also records the unpatched activations into ``acts``
-    and adds a zero leaf to row 0's position 0 at every layer (the alpha = 1 points).
+    attention). Point j of a layer is baseline ``j // r`` at node ``alphas[j % r]``
+    (``r = len(alphas)``). In the first pass it also records the unpatched activations into
+    ``acts`` and, when alpha = 1 is a node of the rule (``endpoint``), adds a zero leaf to
+    row 0's position 0 at every layer (the alpha = 1 points). Under ``torch.no_grad`` the
+    points are plain values (the baseline pass of the completeness gap).
     """
 
     def __init__(self, model: Model, points: Sequence[tuple[int, int]], first: bool,
-                 base: torch.Tensor, alphas: torch.Tensor, steps: int, acts: torch.Tensor):
+                 base: torch.Tensor, alphas: torch.Tensor, acts: torch.Tensor,
+                 endpoint: bool = True):
         self.model = model
         self.first = first
+        self.endpoint = first and endpoint  # zero leaves on row 0: alpha = 1 is a node
         self.base = base
-        self.alphas = alphas
-        self.steps = steps
+        self.alphas = alphas  # [r] the nodes with rows of their own; point j: alphas[j % r]
         self.acts = acts
         dev = model.device
         ids = [[j for layer, j in points if layer == k] for k in range(model.n_layers)]
@@ -320,19 +332,20 @@ class _StaircasePatch:
         c = self.counts[layer]
         keep = h[: h.shape[0] - c]
         one = h.shape[1] == 1  # a one-token target: the last prompt position alone
-        if self.first:
+        if self.endpoint:
             z = torch.zeros_like(a, requires_grad=True)
             self.zeros[layer] = z
             row0 = keep[:1] + z if one else torch.cat([keep[:1, :1] + z, keep[:1, 1:]], 1)
             keep = torch.cat([row0, keep[1:]])
         if not c:
             return keep
-        m1 = self.steps - 1
+        r = self.alphas.shape[0]
         j = self.idx[layer]
-        b = self.base[j // m1, layer]
+        b = self.base[j // r, layer]
         work = self.base.dtype
-        x = (b + self.alphas[j % m1, None] * (a.to(work) - b)).to(self.model.dtype)
-        x.requires_grad_(True)
+        x = (b + self.alphas[j % r, None] * (a.to(work) - b)).to(self.model.dtype)
+        if torch.is_grad_enabled():
+            x.requires_grad_(True)
         self.leaves[layer] = x
         new = x[:, None, :] if one else torch.cat([x[:, None, :], h[h.shape[0] - c:, 1:]], 1)
         return torch.cat([keep, new])
@@ -372,6 +385,66 @@ def _answer_head(model: Model, hidden: torch.Tensor, targets: Sequence[int], max
     return p.prod(1), torch.stack(grads, 1), tops
 
 
+def _target_probs(model: Model, hidden: torch.Tensor, targets: Sequence[int],
+                  max_rows: int) -> torch.Tensor:
+    """P(answer) ``[n]`` of teacher-forced rows ``hidden`` ``[n, len(targets), d_model]``
+    without gradients: the logits of a few rows at a time over the whole vocabulary (rows
+    sized like the fused head's blocks), soft-capped where the model caps them."""
+    head = model.unembedding()
+    W = head.weight
+    assert isinstance(W, torch.Tensor)
+    bias = getattr(head, "bias", None)
+    cap = model.logit_softcap()
+    work = work_dtype(model)
+    rows = max(1, max_rows * 3 * HEAD_BLOCK // W.shape[0])
+    p = torch.ones(hidden.shape[0], device=hidden.device, dtype=work)
+    with torch.no_grad():
+        for i, t in enumerate(targets):
+            for s in range(0, hidden.shape[0], rows):
+                z = (hidden[s:s + rows, i].to(W.dtype) @ W.t()).to(work)
+                if bias is not None:
+                    z += bias.to(work)
+                if cap:
+                    z = torch.tanh(z / cap) * cap
+                p[s:s + rows] *= torch.exp(z[:, t] - torch.logsumexp(z, -1))
+    return p
+
+
+def _baseline_probs(model: Model, runner: PrefixRunner, base: torch.Tensor, acts: torch.Tensor,
+                    targets: Sequence[int], batch_size: int, max_rows: int) -> torch.Tensor:
+    """P(answer) ``[n_baselines, n_layers]`` with layer l's activation at the last prompt
+    position replaced by the baseline b_l: forward-only staircase passes (one row per layer
+    and baseline) on the cached prefix, for the completeness gap of rules without an
+    alpha = 0 node."""
+    n_base, L = base.shape[:2]
+    out = torch.empty(n_base, L, device=base.device, dtype=base.dtype)
+    zero = torch.zeros(1, device=base.device, dtype=base.dtype)
+    with torch.no_grad():
+        for points in plan_passes(L, n_base, batch_size):
+            patch = _StaircasePatch(model, points, False, base, zero, acts, endpoint=False)
+            hidden = runner.run(patch.counts, patch)[1:]
+            p = _target_probs(model, hidden, targets, max_rows)
+            for row, (layer, j) in enumerate(points):
+                out[j, layer] = p[row]
+    return out
+
+
+def completeness_gap(sums: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    """Per layer, ``|sum_p Attr(l, p) - (P(a_l) - P(b_l))| / |P(a_l) - P(b_l)|`` (IG's
+    completeness; 0 for the exact integral), the largest over the baselines.
+
+    ``sums`` ``[n_baselines, n_layers]``: each baseline's raw (unnormalized) attributions
+    summed over a layer's neurons; ``deltas``: P(a_l) - P(b_l) of the same shape. A layer
+    whose delta is 0 has gap 0 if its sum is 0 too, else infinity. Returns float64
+    ``[n_layers]``.
+    """
+    sums, deltas = sums.double(), deltas.double()
+    err = (sums - deltas).abs()
+    degenerate = torch.where(err == 0, torch.zeros_like(err), torch.full_like(err, math.inf))
+    gap = torch.where(deltas != 0, err / deltas.abs(), degenerate)
+    return gap.amax(0)
+
+
 def _attribute_one(
     model: Model,
     q: _Prepared,
@@ -388,27 +461,36 @@ def _attribute_one(
     added to its activation at every layer, and one backward pass gives dP/da_l at alpha = 1
     for all layers at once (and row 0's P(target) and top token are the clean prediction).
     """
-    L, D, m = model.n_layers, model.d_mlp, method.steps(cfg)
+    L, D = model.n_layers, model.d_mlp
+    quad = method.quadrature(cfg)
+    m = quad.n
     dev, work = model.device, work_dtype(model)
     runner = PrefixRunner(model, q.ids, q.target_ids[:-1])
     base = method.baseline(model, q.ids, cfg).to(work)  # [B0, L, D]
     n_base = base.shape[0]
-    alphas = torch.arange(1, m, device=dev, dtype=work) / m  # alpha_1..alpha_{m-1}; alpha_m = 1 is row 0
+    nodes = quad.alphas(work, dev)
+    alphas = nodes[:-1] if quad.has_one else nodes  # the nodes with rows; alpha = 1 is row 0
+    r = alphas.shape[0]
+    # uniform weights (the paper's rule): gradients summed, divided by m once at the end
+    weights = None if quad.uniform else torch.tensor(quad.weights, dtype=torch.float64).to(
+        device=dev, dtype=work)
     acts = torch.empty(L, D, device=dev, dtype=model.dtype)
     grad_sum = torch.zeros(n_base, L, D, device=dev, dtype=work)
+    p_base = torch.full((n_base, L), math.nan, device=dev, dtype=work)  # P(b_l) per baseline
     prob = pred = None
-    for n_pass, points in enumerate(plan_passes(L, n_base * (m - 1), batch_size)):
+    for n_pass, points in enumerate(plan_passes(L, n_base * r, batch_size)):
         first = n_pass == 0
-        patch = _StaircasePatch(model, points, first, base, alphas, m, acts)
+        patch = _StaircasePatch(model, points, first, base, alphas, acts, quad.has_one)
         with torch.enable_grad():
             hidden = runner.run(patch.counts, patch)  # [1 + len(points), n_answer, d_model]
             if first:
                 p_all, g_hidden, pred = _answer_head(model, hidden.detach(), q.target_ids,
                                                      max_head_rows, argmax_row=0)
                 prob = float(p_all[0])
+                p_rows = p_all[1:]
             else:  # row 0 carries no leaves here: leave it out of the head
-                g_rest = _answer_head(model, hidden[1:].detach(), q.target_ids,
-                                      max_head_rows)[1]
+                p_rows, g_rest, _ = _answer_head(model, hidden[1:].detach(), q.target_ids,
+                                                 max_head_rows)
                 g_hidden = torch.cat([torch.zeros_like(g_rest[:1]), g_rest])
             inputs = list(patch.leaves.values()) + list(patch.zeros.values())
             scale = _grad_scale(g_hidden, hidden.dtype)
@@ -418,15 +500,29 @@ def _attribute_one(
                 grads = tuple(g.to(work) / scale for g in grads)
         n_leaves = len(patch.leaves)
         for layer, g in zip(patch.leaves, grads[:n_leaves]):
-            grad_sum[:, layer].index_add_(0, patch.idx[layer] // (m - 1), g.to(work))
+            j = patch.idx[layer]
+            g = g.to(work)
+            if weights is not None:
+                g = g * weights[j % r, None]
+            grad_sum[:, layer].index_add_(0, j // r, g)
         for layer, g in zip(patch.zeros, grads[n_leaves:]):
-            grad_sum[:, layer] += g.to(work)  # alpha = 1: the same point for every baseline
+            # alpha = 1: the same point for every baseline
+            grad_sum[:, layer] += g.to(work) if weights is None else weights[-1] * g.to(work)
+        if quad.has_zero:  # the alpha = 0 rows are the baseline points: P(b_l) for free
+            for row, (layer, k) in enumerate(points):
+                if k % r == 0:
+                    p_base[k // r, layer] = p_rows[row]
         if bar is not None:
-            bar.update(len(points) + (L * n_base if first else 0))
+            bar.update(len(points) + (L * n_base if first and quad.has_one else 0))
 
     assert prob is not None and pred is not None  # the plan always has a first pass
+    if not quad.has_zero:
+        p_base = _baseline_probs(model, runner, base, acts, q.target_ids, batch_size,
+                                 max_head_rows)
     diff = acts.to(work)[None] - base  # [B0, L, D]
-    scores = (diff * grad_sum / m).sum(0)
+    raw = diff * grad_sum / m if weights is None else diff * grad_sum  # per baseline
+    gap = completeness_gap(raw.sum(-1), prob - p_base.double())
+    scores = raw.sum(0)
     if method.normalize is not None:
         scores = method.normalize(scores)
     wrong = [i for i, (p, t) in enumerate(zip(pred, q.target_ids)) if p != t]
@@ -447,6 +543,7 @@ def _attribute_one(
         fact_id=q.fact_id,
         relation=q.relation,
         target_ids=q.target_ids,
+        completeness_gap=gap.cpu(),
     )
 
 
@@ -460,6 +557,7 @@ def attribute(
     memory_budget_gb: float = 2.0,
     sig_mode: str = "mean",
     target: str = "first",
+    rule: str = "riemann_right",
     progress: bool = True,
 ) -> Attribution | list[Attribution]:
     """Attribute the gold answer of each query to the model's MLP neurons.
@@ -472,10 +570,16 @@ def attribute(
     block of the output head. Results do not depend on either. ``target`` is what is
     attributed: ``"first"`` (the answer's first token, extended through a leading
     whitespace-only or partial-byte token) or ``"all"`` (the teacher-forced probability of
-    the whole answer); see :meth:`knowloc.models.Model.target_ids`.
+    the whole answer); see :meth:`knowloc.models.Model.target_ids`. ``rule`` is the
+    integration rule over the ``n_steps`` points (:mod:`.quadrature`): ``"riemann_right"``
+    (the paper's), ``"trapezoid"`` or ``"gausslegendre"``.
+
+    Every attribution carries its per-layer completeness gap (``completeness_gap``): it
+    costs one forward-only point per layer and baseline (none for the trapezoid, whose
+    alpha = 0 node is the baseline point).
     """
     cfg = AttributionConfig(method=method, n_steps=n_steps, sig_mode=sig_mode,
-                            target=target).validate()
+                            target=target, rule=rule).validate()
     spec = cfg.spec
     if internal_batch_size is not None and (
         isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1

@@ -8,7 +8,9 @@ the last prompt position (METHODS §1)::
 summed over the method's baselines ``b`` (one, except SIG's per-token mode), then normalized
 over the whole map. A method is therefore its baselines, its normalization and its number
 of integration steps ``m`` (the configured ``n_steps``, or a fixed number: ``m = 1`` is
-gradient x activation at alpha = 1), plus a name and a label for tables and figures.
+gradient x activation at alpha = 1), plus a name and a label for tables and figures. The sum
+above is the paper's rule (right Riemann); ``AttributionConfig.rule`` picks another one
+(:mod:`.quadrature`: nodes alpha_k and weights w_k in place of k/m and 1/m).
 
 ==========  ===========================================  ==========================
 method      baseline b_l (per layer, last position)      normalization of the map
@@ -51,6 +53,7 @@ from ..errors import ConfigError
 from ..models import TARGETS, Model
 from ..models.forward import last_activations
 from .head import work_dtype
+from .quadrature import DEFAULT_RULE, RULES, Quadrature, quadrature
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +129,16 @@ class AttributionMethod:
         """The number of integration steps m of a run with ``cfg``."""
         return self.fixed_steps if self.fixed_steps is not None else cfg.n_steps
 
+    def rule(self, cfg: AttributionConfig) -> str:
+        """The integration rule of a run with ``cfg``: the configured one, or the paper's
+        right Riemann sum for a method with ``fixed_steps`` (whose points are defined by
+        their alphas k / m, e.g. m = 1: gradient x activation at alpha = 1)."""
+        return cfg.rule if self.fixed_steps is None else DEFAULT_RULE
+
+    def quadrature(self, cfg: AttributionConfig) -> Quadrature:
+        """The nodes and weights of the integral of a run with ``cfg``."""
+        return quadrature(self.rule(cfg), self.steps(cfg))
+
     def count_baselines(self, model: Model, ids: Sequence[int], cfg: AttributionConfig) -> int:
         return 1 if self.n_baselines is None else self.n_baselines(model, ids, cfg)
 
@@ -186,6 +199,7 @@ class AttributionConfig:
     n_steps: int = 20
     sig_mode: str = "mean"
     target: str = "first"
+    rule: str = DEFAULT_RULE
 
     def validate(self) -> AttributionConfig:
         method = get_method(self.method)
@@ -200,6 +214,9 @@ class AttributionConfig:
             raise ConfigError(f"unknown sig_mode {self.sig_mode!r}; choose from {SIG_MODES}")
         if self.target not in TARGETS:
             raise ConfigError(f"unknown target {self.target!r}; choose from {', '.join(TARGETS)}")
+        if self.rule not in RULES:
+            raise ConfigError(f"unknown integration rule {self.rule!r}; choose from "
+                              f"{', '.join(RULES)}")
         return self
 
     @property
@@ -208,9 +225,14 @@ class AttributionConfig:
         return get_method(self.method)
 
     def as_dict(self) -> dict[str, Any]:
+        """What determines the result, for configs and cache keys. The integration rule is
+        named only when it is not the paper's (``riemann_right``), so the keys of runs made
+        before rules existed stay valid."""
         method = self.spec
         d: dict[str, Any] = {"method": self.method, "n_steps": method.steps(self),
                              "target": self.target}
+        if method.rule(self) != DEFAULT_RULE:
+            d["rule"] = method.rule(self)
         if method.normalization is not None:
             d["normalization"] = method.normalization
         for option in method.options:
