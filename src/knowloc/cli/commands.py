@@ -64,6 +64,7 @@ def _localize_one(args, selection) -> int:
     from ..attribution import Attribution, attribute
     from ..neurons import neurons_frame
     from ..report.figures import method_label
+    from ..store import atomic_write_text, write_csv
 
     if args.json and len(args.method) != 1:
         raise ConfigError(f"--json prints the result of one method; give one --method "
@@ -91,7 +92,7 @@ def _localize_one(args, selection) -> int:
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)
             attr.save(args.out / f"attribution_{method}.pt")
-            kn.to_csv(args.out / f"neurons_{method}.csv", index=False)
+            write_csv(args.out / f"neurons_{method}.csv", kn)
             summary["methods"][method] = {
                 "n_neurons": len(kn), "seconds": round(dt, 3),
                 "attribution": f"attribution_{method}.pt", "neurons": f"neurons_{method}.csv"}
@@ -113,8 +114,8 @@ def _localize_one(args, selection) -> int:
         if len(kn) > args.top:
             print(f"  ... {len(kn) - args.top} more")
     if args.out is not None:
-        (args.out / "summary.json").write_text(
-            json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        atomic_write_text(args.out / "summary.json",
+                          json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
         say(f"wrote the attribution map(s), knowledge neurons and summary.json to {args.out}")
     return 0
 

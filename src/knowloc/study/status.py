@@ -129,7 +129,9 @@ def format_status(status: dict[str, Any]) -> str:
         if not s["present"]:
             lines.append(f"{s['stage']:<12} {'-':>15}  not run; add it with: {s['add']}")
             continue
-        state = "complete" if s["complete"] else f"incomplete; finish with: {s['finish']}"
+        state = ("complete" if s["complete"] else
+                 f"in progress (pid {holder.get('pid')})" if holder else
+                 f"incomplete; finish with: {s['finish']}")
         lines.append(f"{s['stage']:<12} {s['done']:>7} / {s['planned']:<7}  {state}")
         for method, g in (s.get("by_method") or {}).items():
             if method != "None":
