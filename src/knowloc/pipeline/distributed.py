@@ -34,7 +34,7 @@ keys and the run's weights record come from the driver's model.
 
 A cluster that loses every node able to host a worker (a node's raylet killed, the machine
 gone) cannot finish the units: once no live node has room for one worker for
-``RayConfig.node_wait_s`` seconds, :meth:`RayExecutor.run` raises
+``RayConfig.node_wait_s`` seconds (after one had), :meth:`RayExecutor.run` raises
 :class:`~knowloc.pipeline.units.WorkersLost` (the units finished before are written; the
 error says how to resume) instead of waiting for an actor that can never start.
 
@@ -205,6 +205,7 @@ class RayExecutor:
         self._pool: _Pool | None = None
         self._started_ray = False
         self._calls = 0  # numbers the run calls: a worker's setup state is per call
+        self._had_host = False  # a live node could host a worker once (then lost: an error)
 
     # ------------------------------------------------------------------ cluster and actors
     def _connect(self) -> None:
@@ -348,13 +349,17 @@ class RayExecutor:
                 pending[actor.run.remote(compute, payloads[i], setup, call)] = (actor, i)
 
         no_host_since: float | None = None  # since when no live node can host a worker
+        if not self._had_host:
+            self._had_host = self._hosts(threads) > 0
         while remaining:
             dispatch()
             if not pending:
                 raise RunError("no Ray worker is left to compute the remaining units")
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.config.poll_s)
             if not ready:
-                if self._hosts(threads):
+                hosts = self._hosts(threads)
+                self._had_host = self._had_host or hosts > 0
+                if hosts or not self._had_host:  # never had one: an autoscaler may add one
                     no_host_since = None
                     continue
                 now = time.monotonic()
@@ -364,10 +369,10 @@ class RayExecutor:
                                 "up to %g s for one", self.config.node_wait_s)
                 if now - no_host_since >= self.config.node_wait_s:
                     raise WorkersLost(
-                        f"no live node of the Ray cluster could host a worker ({threads} "
-                        f"CPU(s), {self.config.gpus_per_worker:g} GPU(s)) for "
+                        f"the Ray cluster has had no live node that can host a worker "
+                        f"({threads} CPU(s), {self.config.gpus_per_worker:g} GPU(s)) for "
                         f"{self.config.node_wait_s:g} s: its nodes died (a raylet killed, a "
-                        f"machine lost) or none is large enough")
+                        f"machine lost)")
                 continue
             no_host_since = None
             [ref] = ready
