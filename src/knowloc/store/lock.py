@@ -100,15 +100,11 @@ class RunLock:
     def _acquire(self) -> bool:
         """Take the lock: True when taken, False when this process already holds it through
         another :class:`RunLock` of the same directory."""
-        try:  # a directory we cannot write is not "busy"
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644))
-        except OSError as exc:
-            raise RunError(f"cannot write in run directory {self.root} ({exc.strerror}); "
-                           "pick another --out") from exc
         lock = FileLock(str(self.path), timeout=0, thread_local=False)
         try:
             lock.acquire()
         except Timeout:
+            self._check_writable()  # a lock file we cannot open is not "busy"
             info = self._wait_for_holder()
             if info is not None and _is_this_process(info):
                 return False
@@ -118,8 +114,7 @@ class RunLock:
                 "in it; wait for it to finish, then rerun to resume, or pick another --out"
             ) from None
         except OSError as exc:
-            raise RunError(f"cannot lock run directory {self.root} ({exc}); "
-                           "pick another --out") from exc
+            raise _unwritable(self.root, exc) from exc
         try:
             write_json(self.holder_path, _this_process(), indent=None, fsync=self.fsync)
         except BaseException:
@@ -136,6 +131,17 @@ class RunLock:
             logger.warning("cannot remove %s (%s)", self.holder_path, exc)
         if lock is not None:
             lock.release()
+
+    def _check_writable(self) -> None:
+        """Raise RunError when the lock file cannot be opened for writing (a read-only run
+        directory): only opens it, which neither takes nor disturbs the lock."""
+        try:
+            os.close(os.open(self.path, os.O_RDWR))
+        except FileNotFoundError as exc:  # could not be created, or its holder just removed it
+            if not os.access(self.root, os.W_OK):
+                raise _unwritable(self.root, exc) from exc
+        except OSError as exc:
+            raise _unwritable(self.root, exc) from exc
 
     def _wait_for_holder(self) -> dict[str, Any] | None:
         """The holder record, waiting briefly for a process that has just taken the lock to
@@ -173,6 +179,11 @@ def _read_record(path: Path) -> dict[str, Any] | None:
     if not isinstance(data, dict) or not isinstance(data.get("pid"), int):
         return None
     return data
+
+
+def _unwritable(root: Path, exc: OSError) -> RunError:
+    return RunError(f"cannot write in run directory {root} ({exc.strerror or exc}); "
+                    "pick another --out")
 
 
 def _describe(info: dict[str, Any]) -> str:
