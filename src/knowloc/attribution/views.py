@@ -88,6 +88,23 @@ def attribution_frame(attr: Attribution, *, top: int | None = None,
     return df
 
 
+def _native(t: Any) -> np.ndarray:
+    """The tensor as a numpy array of its own dtype (what :func:`knowloc.neurons.select`
+    compares, so the thresholded set is the same to the last bit)."""
+    return np.asarray(t.detach().cpu().numpy())
+
+
+def _above(scores: np.ndarray, t: float) -> np.ndarray:
+    """The knowledge neurons' mask: scores above ``t`` x the largest one (none when that is
+    not positive), the relative selection of :func:`knowloc.knowledge_neurons`."""
+    top = float(scores.max()) if scores.size else 0.0
+    return scores > t * top if top > 0 else np.zeros(scores.shape, dtype=bool)
+
+
+def _n_above(scores: np.ndarray, t: float) -> int:
+    return int(_above(scores, t).sum())
+
+
 def _root_figure(ax: Axes) -> Figure:
     from matplotlib.figure import Figure
 
@@ -122,7 +139,7 @@ def plot_attribution(attr: Attribution, threshold: float = 0.2,
     y = scores.reshape(-1)
     top = float(y.max()) if y.size else 0.0
     line = t * top
-    kn = y > line if top > 0 else np.zeros(y.shape, dtype=bool)
+    kn = _above(_native(attr.scores).reshape(-1), t)
     ax.scatter(x[~kn], y[~kn], s=2, color="0.6", linewidths=0, rasterized=True,
                label="other neurons")
     ax.scatter(x[kn], y[kn], s=9, color="C3", linewidths=0, zorder=3,
@@ -146,10 +163,8 @@ def plot_attribution(attr: Attribution, threshold: float = 0.2,
 def attribution_html(attr: Attribution, k: int = 5, threshold: float = 0.2) -> str:
     """A short HTML summary: what was attributed, P(answer), the number of knowledge neurons
     and the ``k`` top neurons."""
-    from ..neurons import knowledge_neurons
-
     e = html.escape
-    n_kn = len(knowledge_neurons(attr, threshold))
+    n_kn = _n_above(_native(attr.scores), _check_threshold(threshold))
     n_layers, d_mlp = attr.scores.shape
     steps = attr.config.get("n_steps")
     method = e(attr.method) + (f" ({int(steps)} steps)" if isinstance(steps, int) else "")
