@@ -16,7 +16,7 @@ import torch
 from tiny import tiny_model
 
 from knowloc.errors import ConfigError, KnowlocError
-from knowloc.interventions import attention as A
+from knowloc.interventions.attention import hooks as A
 from knowloc.interventions.attention import (
     AttentionImplementationError,
     activation_matrix,

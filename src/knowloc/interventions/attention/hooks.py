@@ -1,18 +1,5 @@
-"""Attention interventions: the eager switch, recording and scaling post-softmax weights.
-
-Everything here works on the *post-softmax* weights of the model's eager attention; fused
-kernels (``sdpa``, flash, flex) never materialize them, so reading or changing attention
-under one raises :class:`AttentionImplementationError` (switch with
-``with eager_attention(model): ...``). What the recorded weights mean (received attention,
-predominance, knowledge synapses, ΔValue/ΔProb) is in :mod:`knowloc.synapses`.
-
-* **manipulation**: the post-softmax weights of column ``c`` in head ``(l, h)`` are
-  multiplied by a factor (× 0 suppresses, × 2 enhances), in every query row of the
-  forward pass (``rows="all"``, the default) or only in the last one; rows are not
-  renormalized (the paper scales "attention scores", nothing more). Synapses of another
-  prompt are clipped to the current prompt's length. When answer tokens follow the prompt
-  (a teacher-forced multi-token target), only the prompt's rows are scaled: the answer
-  positions see the change through attention, as with the neurons' activations.
+"""The eager switch, and recording and scaling post-softmax attention weights by intercepting
+the eager attention function (what the weights mean: :mod:`knowloc.interventions.attention`).
 
 How attention is intercepted
 ----------------------------
@@ -58,49 +45,21 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
-from ..errors import ConfigError, KnowlocError, ModelError
-from ..models import Model
-from ..models.compat import (
+from ...errors import ConfigError, KnowlocError, ModelError
+from ...models import Model
+from ...models.compat import (
     EAGER_ATTENTION_NAME,
     attn_implementation,
     eager_attention_namespace,
     set_attn_implementation,
 )
-from ..models.forward import activations_and_answer, activations_and_probs
-from ..synapses import (
-    CONDITIONS,
-    AttentionMap,
-    Rows,
-    Synapse,
-    SynapseEffect,
-    SynapseSet,
-    activation_frame,
-    as_synapses,
-    check_rows,
-    knowledge_synapses,
-    measure_effect,
-)
+from ...synapses import Rows, Synapse, SynapseSet, as_synapses, check_rows
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "AttentionImplementationError",
-    "activation_matrix",
-    "attention_implementation",
-    "attention_map",
-    "eager_attention",
-    "heatmap_frame",
-    "record_attention",
-    "scale_attention",
-    "synapse_effect",
-    "synapse_effects",
-    "synapse_experiment",
-]
 
 class AttentionImplementationError(KnowlocError):
     """Attention weights were read or changed while the model runs a fused attention kernel
@@ -168,7 +127,7 @@ def _require_eager(model: Model, what: str) -> None:
         )
 
 
-# ==================================================================== interception
+# ======================================================================== interception
 class _Interceptor:
     """One scope's business with one attention module: observe and/or modify."""
 
@@ -289,7 +248,7 @@ def _intercept(model: Model, interceptors: dict[int, _Interceptor], what: str) -
                 _release(ns)
 
 
-# ========================================================================== capture
+# ============================================================================= capture
 class _Recorder(_Interceptor):
     def __init__(self, layer: int, rows: Rows, store: dict[int, torch.Tensor]):
         super().__init__(layer)
@@ -316,45 +275,6 @@ def record_attention(
     layers = range(model.n_layers) if layers is None else layers
     with _intercept(model, {l: _Recorder(l, rows, store) for l in layers}, "read attention weights"):
         yield store
-
-
-
-
-def _ids(model: Model, prompt: str | Sequence[int]) -> list[int]:
-    return model.encode_prompt(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
-
-
-@torch.no_grad()
-def attention_map(
-    model: Model,
-    prompt: str | Sequence[int],
-    *,
-    rows: Rows = "all",
-    query_id: str | None = None,
-    fact_id: str | None = None,
-) -> AttentionMap:
-    """Attention weights of every layer and head for one prompt (one forward pass).
-
-    Switches the model to eager attention for the pass (and back).
-    """
-    check_rows(rows)
-    ids = _ids(model, prompt)
-    x = torch.tensor([ids], device=model.device)
-    with eager_attention(model), record_attention(model, rows=rows) as store:
-        model.base_model()(input_ids=x, use_cache=False)
-    weights = torch.stack([store[l][0] for l in range(model.n_layers)])
-    tokens = tuple(model.tokenizer.decode([i]) for i in ids)
-    return AttentionMap(
-        weights=weights,
-        token_ids=tuple(ids),
-        tokens=tokens,
-        rows=rows,
-        prompt=prompt if isinstance(prompt, str) else None,
-        query_id=query_id,
-        fact_id=fact_id,
-    )
-
-
 
 
 # ======================================================================== manipulation
@@ -413,8 +333,6 @@ class _Scaler(_Interceptor):
         return (out.float() + delta).to(out.dtype), new_w
 
 
-
-
 @contextlib.contextmanager
 def scale_attention(
     model: Model,
@@ -458,163 +376,3 @@ def scale_attention(
         return
     with _intercept(model, interceptors, "scale attention weights"):  # type: ignore[arg-type]
         yield
-
-
-def synapse_effect(
-    model: Model,
-    prompt: str | Sequence[int],
-    answer: str | int | Sequence[int],
-    synapses: SynapseSet | Iterable[Synapse],
-    factor: float,
-    neurons: Iterable[tuple[int, int]],
-    *,
-    rows: Rows = "all",
-    target: str = "first",
-) -> SynapseEffect:
-    """ΔValue and ΔProb of scaling ``synapses`` by ``factor`` for one query.
-
-    ``answer``: the gold answer text (its target tokens in ``target`` mode,
-    :meth:`knowloc.models.Model.target_ids`), or the target token id(s). P is the
-    teacher-forced probability of the target tokens; the synapses are scaled in the prompt's
-    rows only and ΔValue reads the activations at the last prompt position. ``neurons``: the
-    query's knowledge neurons. Both runs happen under eager attention.
-    """
-    if isinstance(answer, str):
-        if not isinstance(prompt, str):
-            raise ConfigError("give the answer as token ids when the prompt is token ids")
-        answer_ids = model.target_ids(prompt, answer, target)
-    else:
-        answer_ids = [int(answer)] if isinstance(answer, int) else [int(t) for t in answer]
-    return synapse_effects(model, _ids(model, prompt), answer_ids, [(synapses, factor)],
-                           [neurons], rows=rows)[0][0]
-
-
-def synapse_effects(
-    model: Model,
-    prompt_ids: Sequence[int],
-    answer_ids: Sequence[int],
-    variants: Sequence[tuple[SynapseSet | Iterable[Synapse], float]],
-    neuron_sets: Sequence[Iterable[tuple[int, int]]],
-    *,
-    rows: Rows = "all",
-) -> list[list[SynapseEffect]]:
-    """:func:`synapse_effect` of several (synapses, factor) manipulations of one query, each
-    read on several neuron sets: ``result[v][s]`` is variant ``v`` on ``neuron_sets[s]``.
-
-    One forward without manipulation and one per variant (not two per variant and neuron
-    set); each number is the one :func:`synapse_effect` gives for that pair.
-    """
-    ids = list(prompt_ids)
-    sets = [list(ns) for ns in neuron_sets]
-    out: list[list[SynapseEffect]] = []
-    with eager_attention(model):
-        acts_b, p_b = activations_and_answer(model, ids, answer_ids)
-        for synapses, factor in variants:
-            triples = as_synapses(synapses)
-            kept = [s for s in triples if s[0] < len(ids)]
-            with scale_attention(model, kept, factor, rows=rows, last=len(ids) - 1):
-                acts_a, p_a = activations_and_answer(model, ids, answer_ids)
-            out.append([measure_effect(factor, kns, acts_b, acts_a, p_b, p_a,
-                                       n_synapses=len(kept), n_clipped=len(triples) - len(kept))
-                        for kns in sets])
-    return out
-
-
-def synapse_experiment(
-    model: Model,
-    prompt: str,
-    answer: str,
-    neurons: Iterable[tuple[int, int]],
-    own: SynapseSet,
-    irrelevant: SynapseSet | None = None,
-    *,
-    factors: dict[str, float] | None = None,
-    rows: Rows = "all",
-    target: str = "first",
-) -> pd.DataFrame:
-    """The Figure 6 rows for one query: for ``synapses`` in (self, irrelevant) and
-    ``operation`` in (sup × 0, enh × 2), its ΔValue and ΔProb (one row each).
-
-    Columns: ``synapses, operation, factor, n_synapses, n_clipped, n_neurons, value_before,
-    value_after, prob_before, prob_after, delta_value, delta_prob``.
-    """
-    factors = factors or {"sup": 0.0, "enh": 2.0}
-    kns = list(neurons)
-    sets = {"self": own} if irrelevant is None else {"self": own, "irrelevant": irrelevant}
-    records = []
-    for name, syn in sets.items():
-        for op, f in factors.items():
-            eff = synapse_effect(model, prompt, answer, syn, f, kns, rows=rows, target=target)
-            records.append({"synapses": name, "operation": op, **eff.as_dict()})
-    return pd.DataFrame.from_records(records)
-
-
-
-# ============================================================================ heatmaps
-@torch.no_grad()
-def activation_matrix(
-    model: Model,
-    prompt: str | Sequence[int],
-    *,
-    synapses: SynapseSet | Iterable[Synapse] | None = None,
-    factor: float = 1.0,
-    rows: Rows = "all",
-) -> torch.Tensor:
-    """[layers, d_mlp] neuron activations at the last position (float32, CPU), optionally
-    with ``synapses`` scaled by ``factor`` (under eager attention)."""
-    ids = _ids(model, prompt)
-    with eager_attention(model):
-        if synapses is None:
-            acts, _ = activations_and_probs(model, ids)
-        else:
-            with scale_attention(model, [s for s in as_synapses(synapses) if s[0] < len(ids)],
-                                 factor, rows=rows):
-                acts, _ = activations_and_probs(model, ids)
-    return acts
-
-
-
-
-def heatmap_frame(
-    model: Model,
-    prompts: Sequence[str],
-    synapses: Sequence[SynapseSet | None] | None = None,
-    *,
-    conditions: Sequence[str] = ("none",),
-    neurons: Sequence[int] | slice | None = None,
-    labels: Sequence[str] | None = None,
-    rows: Rows = "all",
-) -> pd.DataFrame:
-    """Layer × neuron activation matrices (Figures 1, 7, 10) as a long table.
-
-    For each prompt and condition (``none``: as is; ``suppress``: its synapses × 0;
-    ``enhance``: × 2), the last-position activations of every layer. ``synapses[i]`` are
-    prompt i's synapses (computed from its attention when None or not given).
-    ``neurons`` restricts the neuron axis (a slice or indices) to keep the table small.
-
-    Columns: ``query`` (label), ``prompt``, ``condition``, ``layer``, ``neuron``,
-    ``activation``.
-    """
-    bad = [c for c in conditions if c not in CONDITIONS]
-    if bad:
-        raise ConfigError(f"unknown heatmap condition(s) {bad}; choose from {list(CONDITIONS)}")
-    labels = list(labels) if labels is not None else [f"q{i + 1}" for i in range(len(prompts))]
-    if len(labels) != len(prompts) or (synapses is not None and len(synapses) != len(prompts)):
-        raise ConfigError("prompts, labels and synapses must have the same length")
-    cols = np.arange(model.d_mlp)
-    if neurons is not None:
-        cols = cols[neurons] if isinstance(neurons, slice) else np.asarray(list(neurons), dtype=np.int64)
-    frames = []
-    for i, prompt in enumerate(prompts):
-        syn = synapses[i] if synapses is not None else None
-        if syn is None and any(c != "none" for c in conditions):
-            syn = knowledge_synapses(attention_map(model, prompt, rows=rows))
-        for cond in conditions:
-            factor = CONDITIONS[cond]
-            acts = activation_matrix(model, prompt, synapses=None if cond == "none" else syn,
-                                     factor=factor, rows=rows)
-            frames.append(activation_frame(labels[i], prompt, cond, acts, cols))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["query", "prompt", "condition", "layer", "neuron", "activation"]
-    )
-
