@@ -16,7 +16,6 @@ import torch
 from tiny import tiny_model
 
 from knowloc.errors import ConfigError, KnowlocError
-from knowloc.interventions.attention import hooks as A
 from knowloc.interventions.attention import (
     AttentionImplementationError,
     activation_matrix,
@@ -29,6 +28,7 @@ from knowloc.interventions.attention import (
     synapse_effects,
     synapse_experiment,
 )
+from knowloc.interventions.attention import hooks as A
 from knowloc.synapses import (
     AttentionMap,
     SynapseSet,
