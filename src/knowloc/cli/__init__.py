@@ -54,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if exc.errno not in _ENV_ERRNOS:
                 raise
             status = 2
-            report_error(f"knowloc: error: {exc.strerror}: {exc.filename}")
+            where = f": {exc.filename}" if exc.filename is not None else ""
+            report_error(f"knowloc: error: {exc.strerror or exc}{where}")
         except KeyboardInterrupt:
             status = 130
             report_error("knowloc: interrupted; rerun the same command to resume")

@@ -7,6 +7,7 @@ import logging
 import shlex
 import sys
 from pathlib import Path
+from typing import TextIO
 
 log = logging.getLogger(__name__)
 
@@ -72,29 +73,65 @@ LOG_FILE = "knowloc.log"
 class _RunLogHandler(logging.Handler):
     """Appends to ``path``; records that come before its directory exists are held and
     written once it does (a command that fails before it makes the run directory leaves
-    nothing behind)."""
+    nothing behind).
+
+    The log never gets in the way of the command: when the file cannot be opened or
+    written (a full disk, a read-only or vanished directory), the handler keeps the first
+    error in ``error``, closes the file and drops every later record, silently (a full
+    disk's one-line error comes from the command itself; :func:`close_run_log` warns when
+    the command succeeded but its log could not be written)."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(logging.INFO)
         self.path = path
         self.held: list[logging.LogRecord] = []
-        self.file: logging.FileHandler | None = None
+        self.stream: TextIO | None = None
+        self.error: OSError | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self.file is None:
-            if not self.path.parent.is_dir():
-                self.held.append(record)
-                return
-            self.file = logging.FileHandler(self.path, encoding="utf-8")
-            self.file.setFormatter(self.formatter)
-            for held in self.held:
-                self.file.emit(held)
-            self.held = []
-        self.file.emit(record)
+        if self.error is not None:
+            return
+        try:
+            if self.stream is None:
+                if not self.path.parent.is_dir():
+                    self.held.append(record)
+                    return
+                self.stream = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+                held, self.held = self.held, []
+                for old in held:
+                    self._write(old)
+            self._write(record)
+        except OSError as exc:
+            self._give_up(exc)
+        except RecursionError:
+            raise
+        except Exception:  # noqa: BLE001 - a record that cannot be formatted (a bug)
+            self.handleError(record)
+
+    def _write(self, record: logging.LogRecord) -> None:
+        assert self.stream is not None
+        self.stream.write(self.format(record) + "\n")
+        self.stream.flush()
+
+    def _give_up(self, exc: OSError) -> None:
+        """Stop writing the log after its first failure; close the file without a word
+        (closing retries the failed flush)."""
+        self.error = exc
+        self.held = []
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError as exc:
+                self.error = self.error or exc
         super().close()
 
 
@@ -137,6 +174,10 @@ def close_run_log(args, status: int, seconds: float) -> None:
     logging.getLogger().removeHandler(handler)
     handler.close()
     args.log_file = None
+    if handler.error is not None and status == 0:  # a failed command said what failed
+        say(f"knowloc: warning: could not write {handler.path} "
+            f"({handler.error.strerror or handler.error}); this command's log there is "
+            f"incomplete")
 
 
 def say(msg: str) -> None:
