@@ -120,7 +120,8 @@ class Attribution:
         """A scatter of every neuron's score against its layer with the knowledge-neuron
         line at ``threshold × max`` (:func:`knowloc.knowledge_neurons`); the neurons above
         it are highlighted. Draws into ``ax`` when given, else into a new figure (no pyplot
-        state); returns the matplotlib Figure."""
+        state); returns the matplotlib Figure (a notebook shows it as an image once its
+        inline backend is on: ``%matplotlib inline``, or any pyplot import)."""
         from .views import plot_attribution
 
         return plot_attribution(self, threshold, ax)
