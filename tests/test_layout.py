@@ -19,6 +19,7 @@ FLOORS: dict[str, int] = {
     "models": 2,
     "attribution": 3,
     "neurons": 4, "consistency": 4,
+    "intervals": 4,
     "interventions": 5, "synapses": 5, "evaluation": 5,
     "pipeline": 6,
     "report": 7,
