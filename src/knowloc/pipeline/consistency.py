@@ -26,10 +26,13 @@ CONSISTENCY_SORT = ["method", "fact_id"]
 class ConsistencyConfig:
     """The consistency analysis: which facts count (``population``: ``known``, facts whose
     answer is the model's top-1 on at least one query, or ``all``) and the static K_I/K_II
-    threshold of Table 1 (Otsu's threshold is always computed beside it)."""
+    threshold of Table 1 (Otsu's threshold is always computed beside it); ``n_boot`` and
+    ``boot_seed``: resamples and seed of the bootstrap behind Table 1's intervals."""
 
     population: str = "known"
     static_threshold: float = 0.1
+    n_boot: int = 1000
+    boot_seed: int = 0
 
     def validate(self) -> ConsistencyConfig:
         if self.population not in ("known", "all"):
@@ -37,10 +40,13 @@ class ConsistencyConfig:
         if not 0 <= self.static_threshold <= 1:
             raise ConfigError(f"the static threshold must lie in [0, 1] "
                               f"(got {self.static_threshold})")
+        if isinstance(self.n_boot, bool) or int(self.n_boot) != self.n_boot or self.n_boot < 1:
+            raise ConfigError(f"n_boot must be an integer >= 1 (got {self.n_boot!r})")
         return self
 
     def as_dict(self) -> dict[str, Any]:
-        return {"population": self.population, "static_threshold": self.static_threshold}
+        return {"population": self.population, "static_threshold": self.static_threshold,
+                "n_boot": self.n_boot, "boot_seed": self.boot_seed}
 
 
 @dataclass
@@ -68,11 +74,14 @@ def consistency_scores(model: Any, unit: ConsistencyUnit) -> dict[str, pd.DataFr
 
 def consistency(store: RunStore, *, population: str = "known", static_threshold: float = 0.1,
                 query_ids: set[str] | None = None, executor: Executor | None = None,
-                allow_partial: bool = False) -> ConsistencyResult:
+                allow_partial: bool = False, n_boot: int = 1000,
+                boot_seed: int = 0) -> ConsistencyResult:
     """CS1/CS2 per fact and method, K_I/K_II splits, Welch's t-test and Table 1.
 
     Refuses a run whose localization is unfinished (:func:`require_complete`) unless
     ``allow_partial``.
+
+    ``n_boot`` and ``boot_seed``: the bootstrap of Table 1's intervals.
 
     Writes ``consistency.parquet``; :func:`knowloc.report.stages.present_consistency` writes
     Table 1 and the violin plots.
@@ -96,11 +105,15 @@ def consistency(store: RunStore, *, population: str = "known", static_threshold:
               store, model=None, marker="consistency",
               consolidate={"consistency": CONSISTENCY_SORT}, executor=executor,
               desc="consistency", unit_name="run", progress=False, resume=False)
-    return consistency_result(store.get("consistency", "all"), static_threshold)
+    return consistency_result(store.get("consistency", "all"), static_threshold,
+                              n_boot=n_boot, boot_seed=boot_seed)
 
 
-def consistency_result(scores: pd.DataFrame, static_threshold: float) -> ConsistencyResult:
-    """Table 1 and the skip summary of stored consistency ``scores`` (no model, no
-    recomputation of CS1/CS2): what :func:`consistency` returns, from a run directory."""
-    t1 = cons.table1(scores, thresholds=(("St", static_threshold), ("Ot", "otsu")))
+def consistency_result(scores: pd.DataFrame, static_threshold: float, *, n_boot: int = 1000,
+                       boot_seed: int = 0) -> ConsistencyResult:
+    """Table 1 (with intervals from ``n_boot`` bootstrap resamples seeded by ``boot_seed``)
+    and the skip summary of stored consistency ``scores`` (no model, no recomputation of
+    CS1/CS2): what :func:`consistency` returns, from a run directory."""
+    t1 = cons.table1(scores, thresholds=(("St", static_threshold), ("Ot", "otsu")),
+                     n_boot=n_boot, seed=boot_seed)
     return ConsistencyResult(scores, t1, cons.skipped_summary(scores), static_threshold)
