@@ -13,6 +13,11 @@ Stage tables (Parquet, under ``<run>/parts/<table>/<key>.parquet`` while running
                    by the attribution alone (:func:`map_key`), so another neuron selection
                    is read off the stored maps without a model
 
+``screen`` and ``queries`` say what was scored: ``target_ids`` (every token of the answer's
+target in the run's target mode), ``target_text`` (exactly those tokens, decoded) and
+``target_id`` (the first of them; under ``first``, a bare space on Gemma's year answers,
+whose target is " 1").
+
 Each (model, prompt, answer, method config) is a content-hashed work unit: a rerun skips
 finished units, an interrupted run resumes, nothing is computed twice.
 """
@@ -93,10 +98,17 @@ def screen_fact(model: Model, unit: ScreenUnit) -> dict[str, pd.DataFrame]:
     for i, (q, _, target) in enumerate(encoded):
         prob, pred, known = scores[i]
         rows.append({"relation": q.relation, "fact_id": q.fact_id, "query_id": q.query_id,
-                     "prompt": q.prompt, "answer": q.answer, "target_id": target[0],
+                     "prompt": q.prompt, "answer": q.answer, **target_columns(model, target),
                      "prob": prob, "predicted": model.tokenizer.decode([pred]),
                      "known": known})
     return {"screen": pd.DataFrame(rows)}
+
+
+def target_columns(model: Model, ids: Sequence[int]) -> dict[str, Any]:
+    """What a row scored: ``target_id`` (the first token), ``target_ids`` (every token of
+    the target) and ``target_text`` (exactly those tokens, decoded)."""
+    ids = [int(t) for t in ids]
+    return {"target_id": ids[0], "target_ids": ids, "target_text": model.tokenizer.decode(ids)}
 
 
 def check_targets(model: Model, queries: Sequence[Query], target: str) -> None:
@@ -305,9 +317,10 @@ def attribute_query(model: Model, unit: LocalizeUnit) -> tuple[Attribution, floa
     return attr, seconds
 
 
-def localization_tables(unit: LocalizeUnit, attr: Attribution, seconds: float) -> Tables:
+def localization_tables(unit: LocalizeUnit, attr: Attribution, seconds: float,
+                        model: Model) -> Tables:
     """The unit's tables read off its attribution: knowledge neurons, top scores, timing
-    and queries row."""
+    and queries row (``model``: only its tokenizer, for ``target_text``)."""
     q, acfg, ident = unit.query, unit.attribution, unit.ident
     kn = neurons_frame(attr, unit.selection)
     top = neurons_frame(attr, Selection("topk", min(unit.keep_top, attr.scores.numel())))
@@ -315,7 +328,7 @@ def localization_tables(unit: LocalizeUnit, attr: Attribution, seconds: float) -
         **ident,
         "prompt": q.prompt,
         "answer": q.answer,
-        "target_id": attr.target_id,
+        **target_columns(model, attr.target_ids or (attr.target_id,)),
         "prob": attr.prob,
         "predicted": attr.predicted,
         "known": bool(attr.top1),
@@ -331,7 +344,7 @@ def localization_tables(unit: LocalizeUnit, attr: Attribution, seconds: float) -
 def localize_query(model: Model, unit: LocalizeUnit) -> dict[str, pd.DataFrame]:
     """Attribution of one query: its knowledge neurons, top scores, timing and queries row."""
     attr, seconds = attribute_query(model, unit)
-    return localization_tables(unit, attr, seconds)
+    return localization_tables(unit, attr, seconds, model)
 
 
 def map_query(model: Model, unit: LocalizeUnit) -> dict[str, pd.DataFrame]:
@@ -355,7 +368,7 @@ class FromMaps:
         for i, unit in enumerate(payloads):
             if unit.map_key in self.stored:
                 attr, seconds = read_map(self.store, unit.map_key, unit.query.query_id)
-                yield i, localization_tables(unit, attr, seconds)
+                yield i, localization_tables(unit, attr, seconds, model)
             else:
                 rest.append(i)
         if rest:
