@@ -441,6 +441,40 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_sensitivity(args) -> int:
+    from ..study.sensitivity import sensitivity, sensitivity_markdown, write_sensitivity
+
+    if not args.run.is_dir():
+        raise ConfigError(f"run directory {args.run} does not exist")
+    axes = {"auto": None, "both": ("neuron", "split"), "neuron": ("neuron",),
+            "split": ("split",)}[args.axis]
+    if args.out is not None:
+        check_writable(args.out)
+    res = sensitivity(args.run, axes=axes, neuron_thresholds=args.neuron_thresholds,
+                      split_thresholds=args.split_thresholds, otsu_bins=args.otsu_bins)
+    if res.note:
+        say(f"knowloc: note: {res.note}")
+    files = write_sensitivity(res, args.out)
+    print(sensitivity_markdown(res.table))
+    print(f"\n{len(res.table)} rows ({', '.join(res.axes)}; {res.n_maps} attribution maps "
+          f"read, no model) in {res.seconds:.1f} s; wrote {files['csv']} and {files['png']}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from ..study.compare import compare, write_compare
+
+    for run in args.runs:
+        if not run.is_dir():
+            raise ConfigError(f"run directory {run} does not exist")
+    check_writable(args.out)
+    cmp = compare(args.runs)
+    files = write_compare(cmp, args.out)
+    print(files["md"].read_text(encoding="utf-8"))
+    print(f"wrote {files['md']}, {files['csv'].name} and {files['png'].name}")
+    return 0
+
+
 def cmd_status(args) -> int:
     from ..study.status import format_status, run_status, status_json
 
@@ -473,4 +507,6 @@ COMMANDS = {
     "report": cmd_report,
     "status": cmd_status,
     "models": cmd_models,
+    "sensitivity": cmd_sensitivity,
+    "compare": cmd_compare,
 }

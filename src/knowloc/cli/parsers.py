@@ -341,9 +341,59 @@ def _models_parser(sub: Any) -> argparse.ArgumentParser:
     return _add_parser(sub, "models", "list the embedded models and supported architectures")
 
 
+def float_list(value: str) -> list[float]:
+    """Comma-separated numbers (``0.05,0.1``)."""
+    try:
+        return [float(v) for v in csv_list(value)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {value!r}") \
+            from None
+
+
+def int_list(value: str) -> list[int]:
+    """Comma-separated integers (``64,128``)."""
+    try:
+        return [int(v) for v in csv_list(value)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {value!r}") \
+            from None
+
+
+def _sensitivity_parser(sub: Any) -> argparse.ArgumentParser:
+    p = _add_parser(sub, "sensitivity", "Table 1 against the neuron threshold (from kept maps) "
+                                        "and the K_I/K_II split threshold: sensitivity.csv "
+                                        "and a figure (no model is loaded)")
+    p.add_argument("run", type=Path, help="run directory with consistency results")
+    p.add_argument("--axis", default="auto", choices=["auto", "both", "neuron", "split"],
+                   help="neuron: the relative neuron threshold (needs a run localized with "
+                        "--keep-maps); split: the split threshold; both; auto: both when the "
+                        "run kept its maps, else split")
+    p.add_argument("--neuron-thresholds", type=float_list,
+                   default=[k / 20 for k in range(1, 11)],
+                   help="relative neuron thresholds, comma-separated")
+    p.add_argument("--split-thresholds", type=float_list,
+                   default=[k / 20 for k in range(1, 11)],
+                   help="static split thresholds, comma-separated")
+    p.add_argument("--otsu-bins", type=int_list, default=[64, 128, 256],
+                   help="histogram bins of Otsu's threshold, comma-separated")
+    p.add_argument("--out", type=Path, default=None,
+                   help="directory for sensitivity.csv and figures/sensitivity.png "
+                        "(default: the run directory)")
+    return p
+
+
+def _compare_parser(sub: Any) -> argparse.ArgumentParser:
+    p = _add_parser(sub, "compare", "Table 1 of several runs side by side, one block per "
+                                    "model: compare.md, compare.csv, compare.png (no model "
+                                    "is loaded)")
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN",
+                   help="run directories with consistency results")
+    p.add_argument("--out", type=Path, default=Path("compare"), help="output directory")
+    return p
+
 PARSERS = (_localize_parser, _consistency_parser, _reproduce_parser, _modify_parser,
            _intervene_parser, _attention_parser, _heatmap_parser, _query_parser, _report_parser,
-           _status_parser, _models_parser)
+           _status_parser, _models_parser, _sensitivity_parser, _compare_parser)
 
 
 def _add_common_args(p: argparse.ArgumentParser, *, top: bool = False) -> None:

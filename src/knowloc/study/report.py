@@ -17,6 +17,7 @@ from ..report.html import Section, build_report
 from ..report.sections import effective_configuration, overview_section, timing_text
 from ..store import RunStore
 from .driver import read_journal
+from .sensitivity import sensitivity_section
 from .spec import RunSpec, read_spec
 from .stages import Localization, Stage, stages_of
 
@@ -68,6 +69,9 @@ def render_report(run: str | Path | RunStore, out: str | Path | None = None) -> 
             localization = result
         shown = stage.present(store, result)
         sections += stage.sections(store, result, shown, spec)
+    threshold_section = sensitivity_section(store, spec)  # only a run that kept its maps
+    if threshold_section is not None:
+        sections.append((25, threshold_section))
     sections.sort(key=lambda pair: pair[0])
     model = spec.model_info
     queries = localization.queries if localization is not None else None
