@@ -25,6 +25,7 @@ FLOORS: dict[str, int] = {
     "report": 7,
     "reproduce": 8, "study": 8,
     "cli": 9,
+    "__main__": 10,
 }
 
 

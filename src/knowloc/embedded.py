@@ -44,7 +44,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from knowloc.errors import ModelError
-from knowloc.store.io import atomic_write, write_json
+from knowloc.store.io import atomic_write, cache_dir, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -104,14 +104,6 @@ DEFAULT_MODEL = "gemma3-270m"
 
 
 # ----------------------------------------------------------------------------- public helpers
-
-
-def cache_dir() -> Path:
-    """Root of knowloc's cache: ``$KNOWLOC_CACHE`` if set, else ``~/.cache/knowloc``."""
-    env = os.environ.get("KNOWLOC_CACHE", "").strip()
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "knowloc"
 
 
 def get_spec(name: str) -> EmbeddedSpec:

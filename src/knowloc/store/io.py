@@ -180,13 +180,20 @@ def file_sha256(path: PathLike) -> str:
     return _file_digest(str(resolved), stat.st_size, stat.st_mtime_ns)
 
 
+def cache_dir() -> Path:
+    """Root of knowloc's cache: ``$KNOWLOC_CACHE`` if set, else ``~/.cache/knowloc`` (the
+    embedded models' converted weights, the weights digest cache)."""
+    env = os.environ.get("KNOWLOC_CACHE", "").strip()
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "knowloc"
+
+
 @functools.lru_cache(maxsize=1024)
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     """The digest of the file ``path`` as it is at ``size`` and ``mtime_ns``: read from the
     digest cache file, or computed and added to it (memoized for this process)."""
-    from .. import embedded  # (embedded imports this module)
-
-    cache_path = embedded.cache_dir() / HASH_CACHE_FILE
+    cache_path = cache_dir() / HASH_CACHE_FILE
     cache = _read_hash_cache(cache_path)
     text_key = f"{path}|{size}|{mtime_ns}"
     digest = cache.get(text_key)
