@@ -86,8 +86,52 @@ def test_compare_against_hand_computed_numbers() -> None:
     assert c["known_agrees"] and c["finite"]
 
 
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.double() - ref).abs().max() / ref.abs().max())
+
+
+@pytest.mark.parametrize("cap", [None, 0.5])
+def test_the_head_multiplies_in_float32_on_a_cpu_without_bfloat16_kernels(
+        monkeypatch: pytest.MonkeyPatch, cap: float | None) -> None:
+    """Without bfloat16 kernels (``KNOWLOC_CPU_BF16=0``) the fused head multiplies the
+    bfloat16 unembedding and hidden states in float32: P(target) and dP/dh equal a float64
+    softmax of the same bfloat16 values, differentiated by autograd, to float32 rounding,
+    and closer than the bfloat16 products (``=1``) come."""
+    from knowloc.attribution import head as H
+
+    monkeypatch.setattr(H, "HEAD_BLOCK", 7)  # many vocabulary blocks, a partial last one
+    m = cast(tiny_model("gemma3"), torch.bfloat16)
+    m.hf.config.final_logit_softcapping = cap
+    W = m.unembedding_matrix()
+    torch.manual_seed(2)
+    hidden = (torch.randn(6, W.shape[1]) * 3).to(torch.bfloat16)
+    errors: dict[str, list[float]] = {"0": [], "1": []}
+    for flag, mm in (("0", torch.float32), ("1", torch.bfloat16)):
+        monkeypatch.setenv("KNOWLOC_CPU_BF16", flag)
+        assert H.matmul_dtype(m, hidden.device) == mm
+        for target in (0, 11, W.shape[0] - 1):
+            p, g, top = H.target_prob_grad(m, hidden, target, max_rows=4, argmax_row=2)
+            assert p.dtype == g.dtype == torch.float32
+            h = hidden.double().requires_grad_(True)
+            z = h @ W.double().t()
+            z = torch.tanh(z / cap) * cap if cap else z
+            ref_p = torch.softmax(z, -1)[:, target]
+            (ref_g,) = torch.autograd.grad(ref_p.sum(), h)
+            errors[flag].append(max(rel_err(p, ref_p.detach()), rel_err(g, ref_g)))
+            if flag == "0":  # the top logit (ties at float32 rounding under a small cap)
+                z2 = z[2].detach()
+                assert top is not None and float(z2[top]) >= float(z2.max()) - 1e-6
+    assert max(errors["0"]) < 1e-5, errors
+    assert max(errors["0"]) < max(errors["1"]), errors
+
+
+@pytest.mark.parametrize("cpu_bf16", ["0", "1"])
 @pytest.mark.parametrize("arch", ["gemma3", "llama"])
-def test_bfloat16_tiny_model_agrees_with_float32(arch: str) -> None:
+def test_bfloat16_tiny_model_agrees_with_float32(arch: str, cpu_bf16: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within the README's bounds, with the fused head's products in bfloat16 (a CPU with
+    bfloat16 kernels) and in float32 (one without)."""
+    monkeypatch.setenv("KNOWLOC_CPU_BF16", cpu_bf16)
     m = tiny_model(arch)
     queries = [(PROMPT, ANSWER), ("the capital of france is", "paris"),
                ("tokyo is the capital of", "japan")]
@@ -125,11 +169,16 @@ def test_batch_size_follows_the_budget_and_the_dtype_not_the_device() -> None:
 
 
 @pytest.mark.slow
-def test_bfloat16_embedded_gemma_agrees_with_float32() -> None:
-    """The README's bounds on three ParaRel-style queries, IG/SIG/AMIG, 20 steps."""
+def test_bfloat16_embedded_gemma_agrees_with_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's bounds on the embedded Gemma: two queries, IG/SIG/AMIG, 4 steps, with the
+    fused head's products in float32 (what a CPU without bfloat16 kernels runs).
+
+    Sized to stay short where bfloat16 is slow (a CPU with AVX2 only: the model's own
+    products run many times slower than in float32); ``benchmarks/precision.py`` makes the
+    full comparison (12 ParaRel queries, 20 steps, both embedded models)."""
+    monkeypatch.setenv("KNOWLOC_CPU_BF16", "0")
     ref = load_model("gemma3-270m")
     half = load_model("gemma3-270m", dtype="bfloat16")
     queries = [("The official language of Brazil is", "Portuguese"),
-               ("The capital of France is", "Paris"),
-               ("Alan Turing works in the field of", "mathematics")]
-    check_bounds(agreement(ref, half, queries, ("ig", "sig", "amig"), 20))
+               ("The capital of France is", "Paris")]
+    check_bounds(agreement(ref, half, queries, ("ig", "sig", "amig"), 4))
