@@ -508,3 +508,59 @@ def test_pipeline_scores_to_table1() -> None:
     t1 = table1(s)
     assert len(t1) == 6 and (t1.n_facts == 40).all()
     assert (t1.S_I > t1.S_II).all() and (t1.t > 0).all()
+
+
+# ------------------------------------------------------------------------------ intervals
+def _table1_case() -> pd.DataFrame:
+    ig = {f"f{i}": v for i, v in enumerate([0.5, 0.4, 0.35, 0.05, 0.02, 0.0, 0.08, 0.3])}
+    sig = {f"f{i}": v for i, v in enumerate([0.6, 0.08, 0.01, 0.03, 0.2, 0.25, 0.0, 0.4])}
+    return scores_from_cs2({"ig": ig, "sig": sig})
+
+
+def test_table1_intervals_hand_checked() -> None:
+    """R: I / R: II / ∩: II carry Wilson's interval of their count of facts (against scipy),
+    S: I / S: II the bootstrap over the facts of their group, seeded per statistic."""
+    from knowloc.intervals import boot_seed, fact_bootstrap
+
+    t1 = table1(_table1_case(), thresholds=(("St", 0.1),), n_boot=500, seed=4)
+    ig = t1.set_index("method").loc["ig"]
+    # ig: K_I = {f0, f1, f2, f7} (0.5, 0.4, 0.35, 0.3), K_II = {f3, f4, f5, f6}
+    assert (ig.n_facts, ig.n_I, ig.n_II) == (8, 4, 4)
+    for col, k in (("R_I", 4), ("R_II", 4)):
+        ci = stats.binomtest(k, 8).proportion_ci(method="wilson")
+        assert (ig[f"{col}_lo"], ig[f"{col}_hi"]) == pytest.approx((ci.low, ci.high))
+    lo, hi, n = fact_bootstrap([0.5, 0.4, 0.35, 0.3], ["f0", "f1", "f2", "f7"], n_boot=500,
+                               seed=boot_seed(4, "table1", "St", "ig", "S_I"))
+    assert (ig.S_I_lo, ig.S_I_hi) == (lo, hi) and n == 4
+    assert 0.3 <= ig.S_I_lo <= ig.S_I <= ig.S_I_hi <= 0.5
+    # ∩: II: facts K_II in both methods: f3 (0.05, 0.03), f6 (0.08, 0.0) -> 2 of 8
+    ci = stats.binomtest(2, 8).proportion_ci(method="wilson")
+    assert (t1.n_common == 8).all() and np.allclose(t1.cap_II, 2 / 8)
+    assert np.allclose(t1.cap_II_lo, ci.low) and np.allclose(t1.cap_II_hi, ci.high)
+    for col in ("R_I", "S_I", "R_II", "S_II", "cap_II"):  # each bound beside its column
+        i = TABLE1_COLUMNS.index(col)
+        assert TABLE1_COLUMNS[i + 1: i + 3] == [f"{col}_lo", f"{col}_hi"]
+    md = table1_markdown(t1)
+    r_i = f"{ig.R_I:.2f} [{ig.R_I_lo:.2f}, {ig.R_I_hi:.2f}]"
+    assert f"| {r_i} |" in md and "| n: I | n: II | n: ∩ |" in md.splitlines()[0]
+
+
+def test_table1_point_estimates_do_not_depend_on_the_bootstrap() -> None:
+    s = _table1_case()
+    a = table1(s, n_boot=200, seed=0)
+    b = table1(s, n_boot=300, seed=1)
+    point = [c for c in TABLE1_COLUMNS if not c.endswith(("_lo", "_hi"))]
+    pd.testing.assert_frame_equal(a[point], b[point])
+    pd.testing.assert_frame_equal(a, table1(s, n_boot=200, seed=0))  # deterministic
+    assert not np.allclose(a.S_I_lo, b.S_I_lo)
+    assert (a.R_I_lo == b.R_I_lo).all()  # Wilson: no resampling
+    with pytest.raises(ConfigError):
+        table1(s, n_boot=0)
+
+
+def test_table1_intervals_undefined_for_small_groups() -> None:
+    s = scores_from_cs2({"ig": {"a": 0.5, "b": 0.05, "c": 0.02}})
+    t1 = table1(s, thresholds=(("St", 0.1),)).iloc[0]
+    assert t1.n_I == 1 and math.isnan(t1.S_I_lo) and math.isnan(t1.S_I_hi)
+    assert t1.n_II == 2 and 0.02 <= t1.S_II_lo <= t1.S_II_hi <= 0.05
+    assert 0 < t1.R_I_lo < 1 / 3 < t1.R_I_hi < 1

@@ -39,6 +39,8 @@ __all__ = [
     "bootstrap_ratios",
     "fact_bootstrap",
     "fact_sums",
+    "grouped_mean_intervals",
+    "mean_intervals",
     "percentile_interval",
     "wilson",
 ]
@@ -181,7 +183,7 @@ def fact_bootstrap(values: Any, facts: Sequence[Any] | np.ndarray | pd.Series | 
     ``(nan, nan)`` with fewer than 2 facts (one fact says nothing about the spread between
     facts)."""
     v = np.asarray(values, dtype=float).ravel()
-    f = np.arange(v.size) if facts is None else facts
+    f = [f"{i:012d}" for i in range(v.size)] if facts is None else facts  # input order
     grouped = fact_sums(v, f)
     keep = grouped.counts[:, 0] > 0
     grouped = FactSums(grouped.facts[keep], grouped.sums[keep], grouped.counts[keep])
@@ -190,3 +192,69 @@ def fact_bootstrap(values: Any, facts: Sequence[Any] | np.ndarray | pd.Series | 
         return math.nan, math.nan, n
     lo, hi = percentile_interval(bootstrap_ratios(grouped, n_boot=n_boot, seed=seed), level)
     return float(lo[0]), float(hi[0]), n
+
+
+def mean_intervals(values: pd.DataFrame, facts: Sequence[Any] | np.ndarray | pd.Series, *,
+                   n_boot: int = N_BOOT, seed: int | np.random.Generator = 0,
+                   level: float = LEVEL) -> pd.DataFrame:
+    """The 95% interval of the mean of every column of ``values`` (rows: queries or edits;
+    ``facts``: each row's fact), from one bootstrap over facts shared by all columns.
+
+    Returns:
+        One row per column of ``values`` (index: the column names), columns ``lo``, ``hi``
+        (percentile interval; NaN where fewer than 2 facts hold a value) and ``n_facts``
+        (facts with at least one non-NaN value in that column). A statistic of several
+        columns (the mean of two means) takes :func:`bootstrap_ratios` of the same
+        :func:`fact_sums` instead.
+    """
+    grouped = fact_sums(values.to_numpy(dtype=float), facts)
+    samples = bootstrap_ratios(grouped, n_boot=n_boot, seed=seed)
+    lo, hi = percentile_interval(samples, level)
+    n = grouped.n_facts
+    few = n < 2
+    out = pd.DataFrame({"lo": np.where(few, np.nan, lo), "hi": np.where(few, np.nan, hi),
+                        "n_facts": n.astype("int64")}, index=list(values.columns))
+    return out
+
+
+def grouped_mean_intervals(values: Any, facts: Sequence[Any] | np.ndarray | pd.Series,
+                           groups: Sequence[Any] | np.ndarray | pd.Series, *,
+                           averages: dict[str, tuple[str, str]] | None = None,
+                           n_boot: int = N_BOOT, seed: int | np.random.Generator = 0,
+                           level: float = LEVEL) -> dict[str, tuple[float, float, int]]:
+    """Intervals of the mean of ``values`` within each group (e.g. each operation: suppress,
+    enhance), all from the same bootstrap over facts, and of averages of two group means.
+
+    Args:
+        values, facts, groups: one entry per row (query): its value, its fact, its group.
+        averages: ``name -> (a, b)``: the statistic ``(mean_a + mean_b) / 2`` (the mean of
+            the group means present, when only one of them is), resampled jointly.
+
+    Returns:
+        ``name -> (lo, hi, n_facts)`` for every group and every average: the percentile
+        interval (NaN when fewer than 2 facts hold a value of the group, or of either group
+        of an average) and the number of facts with a value.
+    """
+    v = np.asarray(values, dtype=float).ravel()
+    g = np.asarray([str(x) for x in groups], dtype=object)
+    labels = sorted(set(g))
+    matrix = np.column_stack([np.where(g == lab, v, np.nan) for lab in labels]) \
+        if labels else np.empty((v.size, 0))
+    grouped = fact_sums(matrix, facts)
+    samples = bootstrap_ratios(grouped, n_boot=n_boot, seed=seed)
+    cols = {lab: samples[:, i] for i, lab in enumerate(labels)}
+    has = {lab: grouped.counts[:, i] > 0 for i, lab in enumerate(labels)}
+    enough = {lab: int(has[lab].sum()) >= 2 for lab in labels}
+    for name, pair in (averages or {}).items():
+        present = [p for p in pair if p in cols]
+        if present:
+            cols[name] = np.mean([cols[p] for p in present], axis=0)
+            has[name] = np.any([has[p] for p in present], axis=0)
+            enough[name] = all(enough[p] for p in present)
+    out: dict[str, tuple[float, float, int]] = {}
+    for name, smp in cols.items():
+        lo, hi = percentile_interval(smp[:, None], level)
+        ok = enough[name]
+        out[name] = (float(lo[0]) if ok else math.nan, float(hi[0]) if ok else math.nan,
+                     int(has[name].sum()))
+    return out

@@ -17,6 +17,8 @@ from typing import Any, ClassVar
 import pandas as pd
 
 from ..attribution import sort_methods
+from ..intervals import N_BOOT, grouped_mean_intervals
+from ..intervals import boot_seed as boot_seed_of
 from ..models import Model
 from ..store import RunStore
 from .run import (
@@ -184,11 +186,22 @@ def mapping_result(store: RunStore, run: RunFacts, cfg: MappingConfig) -> Mappin
                          run.methods, 0, 0, 0.0)
 
 
-def figure4_table(interventions: pd.DataFrame, split: pd.DataFrame) -> pd.DataFrame:
+#: Columns of Figure 4's table (:func:`figure4_table`).
+FIGURE4_COLUMNS = ["method", "kind", "set", "suppress", "suppress_lo", "suppress_hi", "enhance",
+                   "enhance_lo", "enhance_hi", "avg", "avg_lo", "avg_hi", "suppress_median",
+                   "enhance_median", "n_queries", "n_empty", "n_facts"]
+
+
+def figure4_table(interventions: pd.DataFrame, split: pd.DataFrame, *, n_boot: int = N_BOOT,
+                  boot_seed: int = 0) -> pd.DataFrame:
     """Mean ΔProb per method, K_I/K_II and neuron set, for suppression and enhancement, and
-    their average (Figure 4). Empty neuron sets are counted (``n_empty``), not averaged."""
-    cols = ["method", "kind", "set", "suppress", "enhance", "avg", "suppress_median",
-            "enhance_median", "n_queries", "n_empty"]
+    their average (Figure 4). Empty neuron sets are counted (``n_empty``), not averaged.
+
+    Each mean has its 95% interval (``<col>_lo``, ``<col>_hi``): the percentile interval of a
+    bootstrap over the ``n_facts`` facts of the row (``n_boot`` resamples seeded by
+    ``boot_seed`` and the row), suppression, enhancement and their average from the same
+    resamples."""
+    cols = FIGURE4_COLUMNS
     if interventions.empty:
         return pd.DataFrame(columns=cols)
     df = interventions.merge(split[["method", "fact_id", "kind"]], on=["method", "fact_id"])
@@ -204,10 +217,25 @@ def figure4_table(interventions: pd.DataFrame, split: pd.DataFrame) -> pd.DataFr
                 enh = ok.loc[ok["op"] == "enhance", "delta_prob"].dropna()
                 s = float(sup.mean()) if len(sup) else float("nan")
                 e = float(enh.mean()) if len(enh) else float("nan")
-                rows.append({"method": method, "kind": kind, "set": name, "suppress": s,
-                             "enhance": e, "avg": (s + e) / 2,
-                             "suppress_median": float(sup.median()) if len(sup) else float("nan"),
-                             "enhance_median": float(enh.median()) if len(enh) else float("nan"),
-                             "n_queries": int(g["query_id"].nunique()),
-                             "n_empty": int(g.loc[g["status"] == "empty", "query_id"].nunique())})
+                row = {"method": method, "kind": kind, "set": name, "suppress": s,
+                       "enhance": e, "avg": (s + e) / 2,
+                       "suppress_median": float(sup.median()) if len(sup) else float("nan"),
+                       "enhance_median": float(enh.median()) if len(enh) else float("nan"),
+                       "n_queries": int(g["query_id"].nunique()),
+                       "n_empty": int(g.loc[g["status"] == "empty", "query_id"].nunique())}
+                rows.append({**row, **_figure4_intervals(ok, (method, kind, name), n_boot,
+                                                         boot_seed)})
     return pd.DataFrame(rows, columns=cols)
+
+
+def _figure4_intervals(ok: pd.DataFrame, row: tuple[str, str, str], n_boot: int,
+                       boot_seed: int) -> dict[str, float | int]:
+    """The bounds of the row's suppression, enhancement and average means, and its facts."""
+    ci = grouped_mean_intervals(ok["delta_prob"], ok["fact_id"].astype(str), ok["op"],
+                                averages={"avg": ("suppress", "enhance")}, n_boot=n_boot,
+                                seed=boot_seed_of(boot_seed, "figure4", *row))
+    nan = (float("nan"), float("nan"), 0)
+    out: dict[str, float | int] = {"n_facts": int(ok["fact_id"].nunique())}
+    for col in ("suppress", "enhance", "avg"):
+        out[f"{col}_lo"], out[f"{col}_hi"], _ = ci.get(col, nan)
+    return out

@@ -21,6 +21,8 @@ import pandas as pd
 from ..attribution import sort_methods
 from ..errors import ConfigError
 from ..evaluation import Baseline, EvalQuery, PPLSampler, evaluate_edit, load_ppl_corpus
+from ..intervals import N_BOOT, mean_intervals
+from ..intervals import boot_seed as boot_seed_of
 from ..models import Model
 from ..store import RunStore
 from .run import (
@@ -430,26 +432,38 @@ def modify_result(store: RunStore, run: RunFacts, ppl_config: dict[str, Any]) ->
 
 
 # ------------------------------------------------------------------------------ tables
-def table2(edits: pd.DataFrame, split: pd.DataFrame) -> pd.DataFrame:
+#: Columns of Tables 2 and 3 (:func:`table2`, :func:`table3`): the counts, then every metric
+#: of :data:`TABLE2_METRICS` followed by the bounds of its 95% interval.
+TABLE2_COLUMNS = ["model", "method", "set", "op", "kind", "n_edits", "n_facts", "n_empty",
+                  "n_not_known", "n_no_new_object",
+                  *[c for m in TABLE2_METRICS for c in (m, f"{m}_lo", f"{m}_hi")]]
+
+
+def table2(edits: pd.DataFrame, split: pd.DataFrame, *, n_boot: int = N_BOOT,
+           boot_seed: int = 0) -> pd.DataFrame:
     """Table 2: mean Rel/Gen/Loc/Avg/ΔPPL (and probability versions) per model, method,
-    set (local N_i / global N_g), op and K_I/K_II, with the number of edits, of empty
-    neuron sets (never counted as successes) and of skipped queries."""
+    set (local N_i / global N_g), op and K_I/K_II, with the number of edits, of their facts,
+    of empty neuron sets (never counted as successes) and of skipped queries. Every mean has
+    its 95% interval (``<metric>_lo``, ``<metric>_hi``): the percentile interval of a
+    bootstrap over the facts (``n_boot`` resamples, seeded by ``boot_seed`` and the row)."""
     return _edit_means(edits[edits["set"].isin(DEFAULT_EDIT_SETS)] if len(edits) else edits,
-                       split)
+                       split, n_boot=n_boot, boot_seed=boot_seed)
 
 
-def table3(edits: pd.DataFrame, split: pd.DataFrame) -> pd.DataFrame:
-    """Table 3: Table 2's means for N_i (local), N_g (global) and the Consistency-Aware set
-    (cas) side by side, for the methods that have CAS edits."""
+def table3(edits: pd.DataFrame, split: pd.DataFrame, *, n_boot: int = N_BOOT,
+           boot_seed: int = 0) -> pd.DataFrame:
+    """Table 3: Table 2's means (and intervals) for N_i (local), N_g (global) and the
+    Consistency-Aware set (cas) side by side, for the methods that have CAS edits."""
     if edits.empty:
-        return _edit_means(edits, split)
+        return _edit_means(edits, split, n_boot=n_boot, boot_seed=boot_seed)
     methods = set(edits.loc[edits["set"] == "cas", "method"])
-    return _edit_means(edits[edits["method"].isin(methods)], split)
+    return _edit_means(edits[edits["method"].isin(methods)], split, n_boot=n_boot,
+                       boot_seed=boot_seed)
 
 
-def _edit_means(edits: pd.DataFrame, split: pd.DataFrame) -> pd.DataFrame:
-    cols = ["model", "method", "set", "op", "kind", "n_edits", "n_empty", "n_not_known",
-            "n_no_new_object", *TABLE2_METRICS]
+def _edit_means(edits: pd.DataFrame, split: pd.DataFrame, *, n_boot: int,
+                boot_seed: int) -> pd.DataFrame:
+    cols = TABLE2_COLUMNS
     if edits.empty:
         return pd.DataFrame(columns=cols)
     df = edits.merge(split[["method", "fact_id", "kind"]], on=["method", "fact_id"], how="inner")
@@ -458,12 +472,20 @@ def _edit_means(edits: pd.DataFrame, split: pd.DataFrame) -> pd.DataFrame:
             ["model", "method", "set", "op", "kind"], sort=False):
         ok = g[g["status"] == "ok"]
         row = {"model": model_name, "method": method, "set": set_kind, "op": op, "kind": kind,
-               "n_edits": len(ok), "n_empty": int((g["status"] == "empty").sum()),
+               "n_edits": len(ok), "n_facts": int(ok["fact_id"].nunique()),
+               "n_empty": int((g["status"] == "empty").sum()),
                "n_not_known": int((g["status"] == "not known").sum()),
                "n_no_new_object": int((g["status"] == "no new object").sum())}
         for m in TABLE2_METRICS:
             vals = ok[m].dropna()
             row[m] = float(vals.mean()) if len(vals) else float("nan")
+        # one bootstrap over the row's facts for all its metrics (the row's own seed)
+        ci = mean_intervals(ok[TABLE2_METRICS].astype(float), ok["fact_id"].astype(str),
+                            n_boot=n_boot, seed=boot_seed_of(
+                                boot_seed, "edits", str(model_name), str(method),
+                                str(set_kind), str(op), str(kind)))
+        for m in TABLE2_METRICS:
+            row[f"{m}_lo"], row[f"{m}_hi"] = float(ci.at[m, "lo"]), float(ci.at[m, "hi"])
         rows.append(row)
     out = pd.DataFrame(rows, columns=cols)
     methods = sort_methods(out["method"])

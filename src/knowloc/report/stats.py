@@ -1,5 +1,7 @@
-"""Spreads shown beside every mean of the report: n and the 95% confidence interval of the
-mean (Student's t), and the K_I / K_II kind of a run's facts for per-item tables."""
+"""Spreads shown beside the means of the report: the note that describes the tables'
+intervals (n, and the 95% interval from a bootstrap over facts, :mod:`knowloc.intervals`),
+the Student-t interval of a mean drawn as a figure's error bar, and the K_I / K_II kind of a
+run's facts for per-item tables."""
 
 from __future__ import annotations
 
@@ -17,13 +19,16 @@ from ..store import RunStore
 
 log = logging.getLogger(__name__)
 
-#: How the spread is described wherever it is shown.
-SPREAD_NOTE = ("±: half-width of the 95% confidence interval of the mean (Student's t); "
-               "n: number of items averaged")
+#: How the tables' intervals are described wherever they are shown.
+SPREAD_NOTE = ("[lo, hi]: 95% interval of the mean, percentile bootstrap over facts (facts "
+               "are resampled, with all their queries, because the queries of one fact are "
+               "not independent); n: number of items averaged, facts: the facts they belong to")
 
 
 def ci95(values: Iterable[float]) -> tuple[float, float, int]:
-    """(mean, half-width of its 95% t confidence interval, n) of the non-NaN values.
+    """(mean, half-width of its 95% t confidence interval, n) of the non-NaN values, each
+    value taken as independent (the figures' error bars; the tables' intervals resample
+    facts instead).
 
     The half-width is NaN for fewer than two values, 0 for identical values."""
     x = np.asarray([v for v in values if v is not None and not math.isnan(float(v))], float)

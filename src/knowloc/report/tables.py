@@ -42,7 +42,8 @@ TABLE1_DISPLAY: list[Column] = [
     ("method", "method", ""), ("T", "T", ""), ("threshold", "threshold", ".3f"),
     ("n_facts", "n", "d"), ("R_I", "R: I", ".2f"), ("S_I", "S: I", ".3f"),
     ("R_II", "R: II", ".2f"), ("S_II", "S: II", ".3f"), ("t", "t", ".1f"), ("p", "p", ".1e"),
-    ("cap_II", "∩: II", ".2f"),
+    ("cap_II", "∩: II", ".2f"), ("n_I", "n: I", "d"), ("n_II", "n: II", "d"),
+    ("n_common", "n: ∩", "d"),
 ]
 OP_TITLES = {"erase": "Erasure", "update": "Update"}
 METRICS_DISPLAY: list[tuple[str, str]] = [("rel", "Rel"), ("gen", "Gen"), ("loc", "Loc"),
@@ -65,10 +66,27 @@ def format_value(value: Any, fmt: str) -> str:
     return "−" + text[1:] if text.startswith("-") else text
 
 
+def format_interval(value: Any, lo: Any, hi: Any, fmt: str) -> str:
+    """``value [lo, hi]`` (a 95% interval) in the format ``fmt``, e.g. ``0.52 [0.41, 0.63]``;
+    the value alone when the interval is undefined."""
+    text = format_value(value, fmt)
+    if text == "–" or any(v is None or pd.isna(v) for v in (lo, hi)):
+        return text
+    return f"{text} [{format_value(lo, fmt)}, {format_value(hi, fmt)}]"
+
+
 def format_table(df: pd.DataFrame, columns: list[Column]) -> pd.DataFrame:
-    """``df`` with the paper's headers and one format per column (text cells)."""
-    return pd.DataFrame({header: [format_value(v, fmt) for v in df[col]]
-                         for col, header, fmt in columns if col in df.columns})
+    """``df`` with the paper's headers and one format per column (text cells). A numeric
+    column ``c`` of ``df`` with the columns ``c_lo`` and ``c_hi`` beside it is shown with its
+    interval, ``value [lo, hi]``."""
+    def cells(col: str, fmt: str) -> list[str]:
+        if fmt not in ("", "d", "%", "yes") and {f"{col}_lo", f"{col}_hi"} <= set(df.columns):
+            return [format_interval(v, lo, hi, fmt)
+                    for v, lo, hi in zip(df[col], df[f"{col}_lo"], df[f"{col}_hi"])]
+        return [format_value(v, fmt) for v in df[col]]
+
+    return pd.DataFrame({header: cells(col, fmt) for col, header, fmt in columns
+                         if col in df.columns})
 
 
 def markdown_table(display: pd.DataFrame) -> str:
@@ -88,14 +106,24 @@ def mean_pm(mean: float, half: float, digits: int = 2) -> str:
     return text if pd.isna(half) else f"{text} ± {half:.{digits}f}"
 
 
-def edit_display(table: pd.DataFrame, edits: pd.DataFrame | None) -> pd.DataFrame:
-    """Table 2/3 rows for display: set, op, kind, n (edits), each metric as mean ± 95% CI
-    half-width over the edits (from ``edits`` with a ``kind`` column; the table's means
-    alone when the per-edit rows do not match the table's counts), empty sets."""
+def edit_display(table: pd.DataFrame, edits: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Table 2/3 rows for display: set, op, kind, n (edits), facts, each metric as mean
+    [95% interval] (the table's ``<metric>_lo`` / ``_hi``: a bootstrap over facts), empty
+    sets. A table without intervals (made before they existed) shows mean ± the t-interval
+    half-width over ``edits`` (with a ``kind`` column), or the means alone."""
+    with_ci = all(f"{col}_lo" in table.columns for col, _ in METRICS_DISPLAY)
     rows = []
     for r in table.itertuples():
         row = {"method": method_label(str(r.method)), "set": SET_LABELS.get(r.set, r.set),
                "op": r.op, "kind": r.kind, "n": str(int(r.n_edits))}
+        if with_ci:
+            row["facts"] = format_value(getattr(r, "n_facts", None), "d")
+            for col, header in METRICS_DISPLAY:
+                row[header] = format_interval(getattr(r, col), getattr(r, f"{col}_lo"),
+                                              getattr(r, f"{col}_hi"), ".2f")
+            row["empty sets"] = str(int(r.n_empty))
+            rows.append(row)
+            continue
         g = None
         if edits is not None and len(edits):
             g = edits[(edits["method"] == r.method) & (edits["set"] == r.set)
@@ -117,7 +145,7 @@ def edit_display(table: pd.DataFrame, edits: pd.DataFrame | None) -> pd.DataFram
 def table2_markdown(t2: pd.DataFrame, corpus_note: str = "",
                     edits: pd.DataFrame | None = None) -> str:
     """Table 2 as Markdown: one block per model and method, rows set × op × K_I/K_II, each
-    metric as mean ± 95% CI half-width over the edits (``edits`` with their ``kind``)."""
+    metric as mean [95% interval] (a bootstrap over facts, :func:`edit_display`)."""
     lines = ["# Table 2: knowledge modification", ""]
     if corpus_note:
         lines += [corpus_note, ""]
@@ -134,7 +162,8 @@ def table2_markdown(t2: pd.DataFrame, corpus_note: str = "",
 
 def table3_display(t3: pd.DataFrame, edits: pd.DataFrame | None) -> pd.DataFrame:
     """Table 3 in the paper's layout: rows method × K_I/K_II × {N_i, N_g, CAS}, columns
-    Erasure and Update (Rel, Gen, Loc, Avg, ΔPPL as mean ± 95% CI half-width) and n."""
+    Erasure and Update (Rel, Gen, Loc, Avg, ΔPPL as mean [95% interval]), n (edits) and
+    facts."""
     shown = edit_display(t3, edits)
     out = []
     for (method, kind, set_label), g in shown.groupby(["method", "kind", "set"], sort=False):
@@ -144,6 +173,8 @@ def table3_display(t3: pd.DataFrame, edits: pd.DataFrame | None) -> pd.DataFrame
             for _, header in METRICS_DISPLAY:
                 row[f"{OP_TITLES[op]} {header}"] = r[header].iloc[0] if len(r) else "–"
             row[f"{OP_TITLES[op]} n"] = r["n"].iloc[0] if len(r) else "–"
+            if "facts" in shown.columns:
+                row[f"{OP_TITLES[op]} facts"] = r["facts"].iloc[0] if len(r) else "–"
         out.append(row)
     order = {SET_LABELS[k]: i for i, k in enumerate(EDIT_SETS)}
     df = pd.DataFrame(out)
@@ -262,9 +293,21 @@ FIGURE5_DISPLAY: list[Column] = [
 METRIC_LABELS = {"delta_value": "ΔValue", "delta_prob": "ΔProb"}
 
 
-def figure4_display(figure4: pd.DataFrame, per_query: pd.DataFrame | None) -> pd.DataFrame:
-    """Figure 4's means (ΔProb of Sup / Enh, their Avg) as mean ± 95% CI half-width over the
-    queries (``per_query``: interventions with ``kind``), with n and the empty sets."""
+def figure4_display(figure4: pd.DataFrame, per_query: pd.DataFrame | None = None
+                    ) -> pd.DataFrame:
+    """Figure 4's means (ΔProb of Sup / Enh, their Avg) as mean [95% interval] (the table's
+    bootstrap over facts), with n (queries), facts and the empty sets. A table without
+    intervals shows mean ± the t-interval half-width over the queries (``per_query``:
+    interventions with ``kind``)."""
+    if "suppress_lo" in figure4.columns:
+        return pd.DataFrame([{
+            "method": method_label(str(r.method)), "kind": r.kind, "set": r.set,
+            "n": str(int(r.n_queries) - int(r.n_empty)), "facts": format_value(r.n_facts, "d"),
+            **{head: format_interval(getattr(r, col), getattr(r, f"{col}_lo"),
+                                     getattr(r, f"{col}_hi"), ".2f")
+               for col, head in (("suppress", "Sup ΔProb"), ("enhance", "Enh ΔProb"),
+                                 ("avg", "Avg"))},
+            "empty sets": str(int(r.n_empty))} for r in figure4.itertuples()])
     rows = []
     for r in figure4.itertuples():
         half = {}
@@ -282,9 +325,21 @@ def figure4_display(figure4: pd.DataFrame, per_query: pd.DataFrame | None) -> pd
     return pd.DataFrame(rows)
 
 
-def figure6_display(figure6: pd.DataFrame, effects: pd.DataFrame | None) -> pd.DataFrame:
-    """Figure 6's means (ΔValue, ΔProb per kind, synapse set and operation) as mean ± 95%
-    CI half-width over the queries (``effects`` with ``kind``), with n."""
+def figure6_display(figure6: pd.DataFrame, effects: pd.DataFrame | None = None
+                    ) -> pd.DataFrame:
+    """Figure 6's means (ΔValue, ΔProb per kind, synapse set and operation) as mean [95%
+    interval] (the table's bootstrap over facts), with n (queries) and facts. A table
+    without intervals shows mean ± the t-interval half-width over the queries (``effects``
+    with ``kind``)."""
+    if "value_lo" in figure6.columns:
+        return pd.DataFrame([{
+            "method": method_label(str(r.method)),
+            "synapses": "as defined" if r.first else "position 0 excluded",
+            "kind": r.kind, "set": r.synapses, "op": r.operation,
+            "metric": METRIC_LABELS.get(r.metric, r.metric), "n": str(int(r.n)),
+            "facts": format_value(r.n_facts, "d"),
+            "mean [95% interval]": format_interval(r.value, r.value_lo, r.value_hi, ".3f")}
+            for r in figure6.itertuples()])
     def half_width(r: Any, operation: str) -> float:
         if effects is None:
             return float("nan")
