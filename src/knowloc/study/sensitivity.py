@@ -44,6 +44,7 @@ from ..intervals import (
     wilson,
 )
 from ..neurons import Selection, select
+from ..pipeline.consistency import consistency_result
 from ..pipeline.run import MAPS
 from ..store import RunStore
 from .spec import RunSpec, read_spec
@@ -391,8 +392,8 @@ def _neuron_axis(store: RunStore, spec: RunSpec, scores: pd.DataFrame,
     rows: list[pd.DataFrame] = []
     for t in thresholds:
         scores_t = cons.consistency_scores(queries, coverage.sets[t], population=cfg.population)
-        t1 = cons.table1(scores_t, (("St", cfg.static_threshold), ("Ot", "otsu")),
-                         n_boot=boot.n_boot, seed=boot.seed)
+        t1 = consistency_result(scores_t, cfg.static_threshold, n_boot=boot.n_boot,
+                                boot_seed=boot.seed).table1  # what the stage computes
         rows += _table1_rows(t1, scores_t, boot, t)
     return rows, coverage
 
@@ -401,8 +402,7 @@ def _boot_of(spec: RunSpec) -> _Boot:
     """The bootstrap settings of the run's Table 1 (its consistency configuration's, the
     defaults when it records none)."""
     cfg = spec.consistency
-    return _Boot(int(getattr(cfg, "n_boot", N_BOOT) or N_BOOT),
-                 int(getattr(cfg, "seed", 0) or 0))
+    return _Boot(int(getattr(cfg, "n_boot", N_BOOT)), int(getattr(cfg, "boot_seed", 0)))
 
 
 def _consistency_config() -> Any:
