@@ -221,3 +221,46 @@ def test_split_axis_by_hand(tmp_path):
     # the same call gives the same table (seeded intervals)
     again = sensitivity(root, split_thresholds=[0.1, 0.3], otsu_bins=[4, 256]).table
     pd.testing.assert_frame_equal(again, t)
+
+
+def test_the_bootstrap_settings_of_the_run_are_used(tmp_path):
+    """The intervals follow the run's consistency.n_boot and boot_seed, as its Table 1's do."""
+    from knowloc.consistency import table1
+
+    root, scores = _toy_run(tmp_path / "toy")
+    store = RunStore(root, fsync=False)
+    config = store.read_config()
+    config["consistency"].update({"n_boot": 200, "boot_seed": 7})
+    store.write_config(config)
+    rows = sensitivity(root, split_thresholds=[0.1], otsu_bins=[256]).table
+    rows = rows[rows["split"] == "static"]
+    own = table1(scores, [("St", 0.1)], n_boot=200, seed=7)
+    _same_as_table1(rows, own)
+    default = table1(scores, [("St", 0.1)])
+    assert not np.array_equal(own["S_I_lo"].to_numpy(), default["S_I_lo"].to_numpy())
+
+
+def test_maps_that_are_not_the_localizations_are_not_used(kept, tmp_path, capsys):
+    """A map whose largest score is not the one its query was localized with (here: the
+    queries table says otherwise) is not read as that query's map."""
+    run = tmp_path / "run"
+    shutil.copytree(kept, run)
+    store = RunStore(run, fsync=False)
+    key = min(store.current_files("queries"))
+    changed = store.get("queries", key)
+    changed["max_attribution"] = changed["max_attribution"] + 1.0
+    store.put("queries", key, changed)
+    res = sensitivity(run)
+    assert res.axes == ("split",)
+    assert "no kept map matching their localization" in res.note
+    line = cli_error(capsys, ["sensitivity", str(run), "--axis", "both"])
+    assert "matching their localization" in line and "--keep-maps" in line
+
+
+def test_the_cli_help_lists_both_commands(capsys):
+    from knowloc.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "sensitivity" in out and "compare" in out
