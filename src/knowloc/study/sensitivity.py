@@ -414,8 +414,8 @@ def _consistency_config() -> Any:
 
 def _coverage_note(store: RunStore, coverage: _MapCoverage | None) -> str:
     where = store.root
-    fix = (f"localize with --keep-maps (`knowloc localize ... --keep-maps --out {where}` reads "
-           "the neuron sets again without recomputing what is done)")
+    fix = (f"localize the run again with --keep-maps (`knowloc localize ... --keep-maps "
+           f"--out {where}`: it attributes each query once more and keeps its map)")
     if coverage is None or (coverage.n_maps == 0 and not coverage.mismatched):
         return (f"run {where} kept no attribution maps; the neuron-threshold curves need "
                 f"them: {fix}")
@@ -485,6 +485,7 @@ def sensitivity(run: str | Path | RunStore, *, axes: Sequence[str] | None = None
             note = _coverage_note(store, coverage)
             if axes is not None:
                 raise RunError(note)
+            note += "; only the split-threshold curves are computed"
         else:
             parts += rows
             done.append("neuron")
