@@ -8,6 +8,10 @@ Localization!" (ICLR 2025). Typical use::
     model = load_model()                       # embedded Gemma 3 270M, offline
     attr = attribute(model, ("The official language of Brazil is", "Portuguese"), "ig")
     kns = knowledge_neurons(attr, threshold=0.2)
+
+    import knowloc
+    knowloc.reproduce("runs/quick", preset="quick")   # every experiment + report.html
+    knowloc.run_status("runs/quick")                   # what a run directory holds
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ _EXPORTS = {
     "consistency_of": "knowloc.consistency",
     "Consistency": "knowloc.consistency",
     "KnowlocError": "knowloc.errors",
+    "RunSpec": "knowloc.study",
+    "render_report": "knowloc.study",
+    "run_status": "knowloc.study",
 }
 
 __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
@@ -49,6 +56,10 @@ __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
     "consistency_of",
     "Consistency",
     "KnowlocError",
+    "RunSpec",
+    "render_report",
+    "run_status",
+    "reproduce",
     "__version__",
 ]
 
@@ -56,4 +67,6 @@ __all__ = [  # noqa: RUF022 - grouped like _EXPORTS
 def __getattr__(name: str) -> Any:  # lazy: importing knowloc does not import torch
     if name in _EXPORTS:
         return getattr(import_module(_EXPORTS[name]), name)
+    if name == "reproduce":  # the module, callable as knowloc.reproduce.reproduce
+        return import_module("knowloc.reproduce")
     raise AttributeError(f"module 'knowloc' has no attribute {name!r}")
