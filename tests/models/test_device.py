@@ -87,3 +87,29 @@ def test_only_bfloat16_on_the_cpu_warns(monkeypatch: pytest.MonkeyPatch, dtype: 
                                         device: torch.device, has: str, warns: bool) -> None:
     monkeypatch.setenv(BF16_ENV, has)
     assert warn_slow_bf16(device, dtype) is warns
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "gpt2"])
+def test_next_token_logits_of_bfloat16_in_float32_without_kernels(
+        monkeypatch: pytest.MonkeyPatch, arch: str) -> None:
+    """Without bfloat16 kernels the unembedding of the forward path is a float32 product of
+    the same bfloat16 values (equal to float64 to float32 rounding); with them it is the
+    module's own bfloat16 product, unchanged."""
+    from knowloc.models import forward
+
+    monkeypatch.setattr(forward, "UNEMBED_BLOCK", 7)  # many blocks, a partial last one
+    m = tiny_model(arch)
+    half = wrap(copy.deepcopy(m.hf).to(torch.bfloat16), m.tokenizer, name="bf16", check=False)
+    hidden = forward.last_hidden(half, [half.encode_prompt("the capital of france is")])
+    W = half.unembedding_matrix()
+    ref = forward.apply_softcap(hidden.double() @ W.double().t(), half.logit_softcap())
+    monkeypatch.setenv(BF16_ENV, "1")
+    native = forward.logits_from_hidden(half, hidden)
+    plain = forward.apply_softcap(half.unembedding()(hidden).float(), half.logit_softcap())
+    assert torch.equal(native, plain)
+    monkeypatch.setenv(BF16_ENV, "0")
+    f32 = forward.logits_from_hidden(half, hidden)
+    assert f32.dtype == torch.float32 and f32.shape == native.shape
+    err = float((f32.double() - ref).abs().max() / ref.abs().max())
+    assert err < 1e-6
+    assert err <= float((native.double() - ref).abs().max() / ref.abs().max())

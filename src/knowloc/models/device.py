@@ -23,9 +23,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 #: Environment variable that overrides :func:`cpu_has_bf16`: ``1`` (fast bfloat16) or ``0``.
 BF16_ENV = "KNOWLOC_CPU_BF16"
 
-#: How much slower a bfloat16 attribution runs than float32 on a CPU without bfloat16
-#: matrix kernels (measured: Gemma 3 270M, IG, on an x86 CPU limited to AVX2).
-BF16_SLOWDOWN = "about 20 times"
+#: How much slower a bfloat16 model runs than float32 on a CPU without bfloat16 matrix
+#: kernels. Measured on an x86 CPU limited to AVX2 (oneDNN's ``ONEDNN_MAX_CPU_ISA=AVX2``),
+#: an IG attribution of Gemma 3 270M took 5.7 times float32's CPU time on one thread (10.5
+#: times before the fused head multiplied in float32), and more on two threads: PyTorch's
+#: bfloat16 fallback does not use the second core. The backward product through a linear
+#: layer (gradient @ weight) is the slowest: 100 times float32's, so larger models lose more.
+BF16_SLOWDOWN = "5 to 10 times"
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -110,6 +114,7 @@ def warn_slow_bf16(device: torch.device, dtype: torch.dtype) -> bool:
     if dtype != torch.bfloat16 or device.type != "cpu" or cpu_has_bf16():
         return False
     log.warning(
-        "this CPU has no bfloat16 matrix instructions: a bfloat16 model runs %s slower than "
-        "in float32 here; use --dtype float32 (dtype='float32') on this machine", BF16_SLOWDOWN)
+        "this CPU has no bfloat16 matrix instructions: a bfloat16 model runs %s slower "
+        "than float32 here (more for large models); float32 is the better choice on this machine (--dtype float32)",
+        BF16_SLOWDOWN)
     return True

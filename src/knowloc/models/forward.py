@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 
+from .device import cpu_has_bf16
 from .model import ActivationFn, Model
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,30 @@ def apply_softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
+#: Vocabulary rows per block of :func:`logits_from_hidden`'s float32 product.
+UNEMBED_BLOCK = 8192
+
+
 def logits_from_hidden(model: Model, hidden: torch.Tensor) -> torch.Tensor:
-    """Float32 (soft-capped) logits from final-normed hidden states ``[n, d_model]``."""
-    logits = model.unembedding()(hidden.contiguous()).float()
+    """Float32 (soft-capped) logits from final-normed hidden states ``[n, d_model]``.
+
+    A bfloat16 unembedding on a CPU without bfloat16 kernels (:func:`cpu_has_bf16`) is
+    multiplied in float32, block by block over the vocabulary, on the same bfloat16 values:
+    a bfloat16 product there is many times slower."""
+    head = model.unembedding()
+    h = hidden.contiguous()
+    W = model.unembedding_matrix()
+    if (type(head) is torch.nn.Linear and W.dtype == torch.bfloat16
+            and h.device.type == "cpu" and not cpu_has_bf16()):
+        h32 = h.to(W.dtype).float()
+        logits = torch.empty(h.shape[:-1] + W.shape[:1], dtype=torch.float32, device=h.device)
+        for s in range(0, W.shape[0], UNEMBED_BLOCK):
+            logits[..., s : s + UNEMBED_BLOCK] = h32 @ W[s : s + UNEMBED_BLOCK].float().t()
+        bias = getattr(head, "bias", None)
+        if bias is not None:
+            logits += bias.float()
+    else:
+        logits = head(h).float()
     return apply_softcap(logits, model.logit_softcap())
 
 
