@@ -27,8 +27,10 @@ map and shows:
 * ``s/query`` -- seconds per query in that dtype (after one warm-up query), and for the
   float32 rows, the float32 time.
 
-This is a benchmark: nothing here asserts a bound (``tests/test_precision.py`` and
-``tests/test_gpu.py`` do, with the bounds the README documents).
+This is a benchmark: nothing here asserts a bound (``tests/attribution/test_precision.py``
+and ``tests/test_gpu.py`` do, with the bounds the README documents; the test suite's check on
+the embedded Gemma is small, this script is the full comparison). On a CPU without bfloat16
+instructions (AVX2 only) bfloat16 runs 5 to 10 times slower than float32: expect long runs.
 """
 
 from __future__ import annotations
