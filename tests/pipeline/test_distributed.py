@@ -291,7 +291,7 @@ def test_worker_weights_must_match_the_drivers(cluster, tiny_dir, tmp_path):
     ours = driver.weights_identity()["sha256"]
     (weights,) = copy.glob("*.safetensors")
     tensors = load_file(weights)
-    name = sorted(tensors)[0]
+    name = min(tensors)
     tensors[name] = tensors[name] + 1
     save_file(tensors, weights, metadata={"format": "pt"})
     theirs = load_model(str(copy)).weights_identity()["sha256"]
