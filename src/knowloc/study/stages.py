@@ -218,13 +218,16 @@ class ConsistencyStage(Stage):
         cfg: ConsistencyConfig = self.config.validate()
         return consistency(ctx.store, population=cfg.population,
                            static_threshold=cfg.static_threshold, query_ids=ctx.query_ids,
-                           allow_partial=ctx.allow_partial)
+                           allow_partial=ctx.allow_partial, n_boot=cfg.n_boot,
+                           boot_seed=cfg.boot_seed)
 
     def collect(self, store: RunStore, spec: RunSpec) -> Any | None:
         scores = store.table("consistency")
         if scores.empty:
             return None
-        return consistency_result(scores, self.config.static_threshold)
+        cfg: ConsistencyConfig = self.config
+        return consistency_result(scores, cfg.static_threshold, n_boot=cfg.n_boot,
+                                  boot_seed=cfg.boot_seed)
 
     def present(self, store: RunStore, result: Any) -> Shown:
         return present_consistency(store, result)
