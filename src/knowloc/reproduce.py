@@ -15,7 +15,9 @@ Presets (all documented in the README):
 from __future__ import annotations
 
 import logging
+import sys
 import time
+import types
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -91,7 +93,7 @@ def reproduce(
             model = load_model(model, device=device, dtype=dtype)
     store = RunStore(out)
     cfg = LocalizeConfig(methods=p.methods, n_steps=p.n_steps, selection=p.selection,
-                         target=p.target, keep_maps=keep_maps)
+                         target=p.target, keep_maps=keep_maps, rule=p.rule)
     edit_methods = [m for m in p.methods if p.modify_methods is None or m in p.modify_methods]
     edit_methods = edit_methods or list(p.methods[:1])
     mcfg = ModifyConfig(methods=edit_methods, split_threshold=p.static_threshold,
@@ -143,3 +145,14 @@ def reproduce(
     path = render_report(store)
     print(f"report: {path}")
     return path
+
+
+class _CallableModule(types.ModuleType):
+    """``knowloc.reproduce(...)`` calls :func:`reproduce`: the module is callable, so the name
+    means the same whether the module was imported first or not."""
+
+    def __call__(self, out: str | Path, **kwargs: Any) -> Path:
+        return reproduce(out, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

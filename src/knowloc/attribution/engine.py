@@ -389,8 +389,9 @@ def _answer_head(model: Model, hidden: torch.Tensor, targets: Sequence[int], max
 def _target_probs(model: Model, hidden: torch.Tensor, targets: Sequence[int],
                   max_rows: int) -> torch.Tensor:
     """P(answer) ``[n]`` of teacher-forced rows ``hidden`` ``[n, len(targets), d_model]``
-    without gradients: the logits of a few rows at a time over the whole vocabulary (rows
-    sized like the fused head's blocks), soft-capped where the model caps them."""
+    without gradients: one product with the unembedding (the fused head's second one, for
+    the gradient, is not needed), a few rows at a time over the whole vocabulary (rows sized
+    like the fused head's blocks), soft-capped where the model caps its logits."""
     head = model.unembedding()
     W = head.weight
     assert isinstance(W, torch.Tensor)
@@ -411,23 +412,21 @@ def _target_probs(model: Model, hidden: torch.Tensor, targets: Sequence[int],
     return p
 
 
-def _baseline_probs(model: Model, runner: PrefixRunner, base: torch.Tensor, acts: torch.Tensor,
-                    targets: Sequence[int], batch_size: int, max_rows: int) -> torch.Tensor:
-    """P(answer) ``[n_baselines, n_layers]`` with layer l's activation at the last prompt
-    position replaced by the baseline b_l: forward-only staircase passes (one row per layer
-    and baseline) on the cached prefix, for the completeness gap of rules without an
-    alpha = 0 node."""
+def _baseline_rows(model: Model, runner: PrefixRunner, base: torch.Tensor, acts: torch.Tensor,
+                   batch_size: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """The final hidden states ``[n_baselines * n_layers, n_answer, d_model]`` with layer l's
+    activation at the last prompt position replaced by the baseline b_l, and their (layer,
+    baseline) in row order: forward-only staircase passes on the cached prefix (one row per
+    layer and baseline), for the completeness gap of rules without an alpha = 0 node."""
     n_base, L = base.shape[:2]
-    out = torch.empty(n_base, L, device=base.device, dtype=base.dtype)
     zero = torch.zeros(1, device=base.device, dtype=base.dtype)
+    rows, order = [], []
     with torch.no_grad():
         for points in plan_passes(L, n_base, batch_size):
             patch = _StaircasePatch(model, points, False, base, zero, acts, endpoint=False)
-            hidden = runner.run(patch.counts, patch)[1:]
-            p = _target_probs(model, hidden, targets, max_rows)
-            for row, (layer, j) in enumerate(points):
-                out[j, layer] = p[row]
-    return out
+            rows.append(runner.run(patch.counts, patch)[1:])
+            order += list(points)
+    return torch.cat(rows), order
 
 
 def completeness_gap(sums: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
@@ -478,6 +477,13 @@ def _attribute_one(
     acts = torch.empty(L, D, device=dev, dtype=model.dtype)
     grad_sum = torch.zeros(n_base, L, D, device=dev, dtype=work)
     p_base = torch.full((n_base, L), math.nan, device=dev, dtype=work)  # P(b_l) per baseline
+    if not quad.has_zero:  # the baseline points, forward only, in a head call of their own
+        # (added to a pass's head call they would change its matrix shapes, and so the bits)
+        base_hidden, base_order = _baseline_rows(model, runner, base, acts, batch_size)
+        if base_order:
+            p_b = _target_probs(model, base_hidden, q.target_ids, max_head_rows)
+            for row, (layer, k) in enumerate(base_order):
+                p_base[k, layer] = p_b[row]
     prob = pred = None
     for n_pass, points in enumerate(plan_passes(L, n_base * r, batch_size)):
         first = n_pass == 0
@@ -517,9 +523,6 @@ def _attribute_one(
             bar.update(len(points) + (L * n_base if first and quad.has_one else 0))
 
     assert prob is not None and pred is not None  # the plan always has a first pass
-    if not quad.has_zero:
-        p_base = _baseline_probs(model, runner, base, acts, q.target_ids, batch_size,
-                                 max_head_rows)
     diff = acts.to(work)[None] - base  # [B0, L, D]
     raw = diff * grad_sum / m if weights is None else diff * grad_sum  # per baseline
     gap = completeness_gap(raw.sum(-1), prob - p_base.double())

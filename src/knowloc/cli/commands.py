@@ -76,7 +76,7 @@ def _localize_one(args, selection) -> int:
     for method in args.method:
         t = time.time()
         attr = attribute(model, (args.prompt, args.answer), method, n_steps=args.n_steps,
-                         sig_mode=args.sig_mode, target=args.target,
+                         sig_mode=args.sig_mode, target=args.target, rule=args.rule,
                          internal_batch_size=args.batch_size,
                          memory_budget_gb=args.memory_gb, progress=not args.quiet)
         dt = time.time() - t
@@ -142,7 +142,7 @@ def _localize_dataset(args, selection) -> int:
     cfg = LocalizeConfig(methods=args.method, n_steps=args.n_steps, sig_mode=args.sig_mode,
                          selection=selection, internal_batch_size=args.batch_size,
                          memory_budget_gb=args.memory_gb, target=args.target,
-                         keep_maps=args.keep_maps)
+                         keep_maps=args.keep_maps, rule=args.rule)
     store = RunStore(args.out)
     spec = RunSpec(model={"name": args.model, "device": args.device, "dtype": args.dtype},
                    seed=args.seed, localize=cfg)
@@ -398,6 +398,7 @@ def cmd_reproduce(args) -> int:
         max_queries_per_fact=args.max_queries_per_fact,
         methods=tuple(args.method) if args.method else None,
         n_steps=args.n_steps, target=args.target, population=args.population,
+        rule=args.rule,
         modify=False if args.no_modify else None,
         attention=False if args.no_attention else None,
     )

@@ -12,6 +12,11 @@ log = logging.getLogger(__name__)
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+#: knowloc.attribution.quadrature.RULES (not imported: the parsers load no torch)
+RULES = ("riemann_right", "trapezoid", "gausslegendre")
+RULE_HELP = ("integration rule over the --n-steps points: riemann_right (the paper's, "
+             "alpha_k = k/m), trapezoid or gausslegendre (fewer points for the same accuracy, "
+             "see benchmarks/quadrature.py)")
 
 
 def csv_list(value: str) -> list[str]:
@@ -62,6 +67,7 @@ def _add_attr_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--method", type=csv_list, default=["ig"],
                    help=f"comma-separated: {method_list()}")
     g.add_argument("--n-steps", type=int, default=20, help="integration steps (>= 2)")
+    g.add_argument("--rule", default="riemann_right", choices=RULES, help=RULE_HELP)
     g.add_argument("--sig-mode", default="mean", choices=["mean", "per_token"],
                    help="SIG baseline: mean of the per-token maps, or each token's map")
     g.add_argument("--target", default="first", choices=["first", "all"],
@@ -181,6 +187,8 @@ def _reproduce_parser(sub: Any) -> argparse.ArgumentParser:
                    help=f"comma-separated: {method_list()} (default: the preset's; all)")
     p.add_argument("--n-steps", type=int, default=None,
                    help="integration steps (default: the preset's; 20)")
+    p.add_argument("--rule", default=None, choices=RULES,
+                   help=RULE_HELP + " (default: the preset's; riemann_right)")
     p.add_argument("--target", default=None, choices=["first", "all"],
                    help="attribute the answer's first token, or the teacher-forced probability "
                         "of the whole answer (default: the preset's, first)")
@@ -390,6 +398,7 @@ def _compare_parser(sub: Any) -> argparse.ArgumentParser:
                    help="run directories with consistency results")
     p.add_argument("--out", type=Path, default=Path("compare"), help="output directory")
     return p
+
 
 PARSERS = (_localize_parser, _consistency_parser, _reproduce_parser, _modify_parser,
            _intervene_parser, _attention_parser, _heatmap_parser, _query_parser, _report_parser,

@@ -5,7 +5,8 @@ Stage tables (Parquet, under ``<run>/parts/<table>/<key>.parquet`` while running
 ``<run>/<table>.parquet`` once consolidated):
 
 * ``screen``       one row per screened query: P(answer), the model's top-1, known
-* ``queries``      one row per (method, query): probability, prediction, known, |N_i|
+* ``queries``      one row per (method, query): probability, prediction, known, |N_i|,
+                   completeness gap (largest over layers, see ``Attribution``)
 * ``neuron_sets``  one row per knowledge neuron of a query (layer, neuron, attribution, ...)
 * ``attributions`` the top ``keep_top`` attribution scores of each query (for CAS and plots)
 * ``timings``      wall-clock seconds per (method, query), apart so results stay byte-identical
@@ -34,6 +35,7 @@ import pandas as pd
 import torch
 
 from ..attribution import Attribution, AttributionConfig, attribute
+from ..attribution.quadrature import DEFAULT_RULE
 from ..data import Fact, FactSet, Query
 from ..errors import TokenizationError
 from ..models import Model
@@ -243,11 +245,12 @@ class LocalizeConfig:
     memory_budget_gb: float = 2.0
     target: str = "first"
     keep_maps: bool = False
+    rule: str = DEFAULT_RULE  # the integration rule (knowloc.attribution.quadrature)
 
     def attribution_configs(self) -> list[AttributionConfig]:
         return [
             AttributionConfig(method=m, n_steps=self.n_steps, sig_mode=self.sig_mode,
-                              target=self.target).validate()
+                              target=self.target, rule=self.rule).validate()
             for m in self.methods
         ]
 
@@ -260,6 +263,7 @@ class LocalizeConfig:
             "keep_top": self.keep_top,
             "target": self.target,
             "keep_maps": self.keep_maps,
+            "rule": self.rule,
         }
 
 
@@ -308,6 +312,7 @@ def attribute_query(model: Model, unit: LocalizeUnit) -> tuple[Attribution, floa
         n_steps=acfg.n_steps,
         sig_mode=acfg.sig_mode,
         target=acfg.target,
+        rule=acfg.rule,
         internal_batch_size=unit.internal_batch_size,
         memory_budget_gb=unit.memory_budget_gb,
         progress=False,
@@ -335,6 +340,8 @@ def localization_tables(unit: LocalizeUnit, attr: Attribution, seconds: float,
         "n_neurons": len(kn),
         "max_attribution": float(attr.scores.max()),
         "n_steps": acfg.n_steps,
+        "completeness_gap": (float(attr.completeness_gap.max())
+                             if attr.completeness_gap is not None else float("nan")),
     }
     return {"neuron_sets": with_ident(kn, ident), "attributions": with_ident(top, ident),
             "timings": pd.DataFrame([{**ident, "seconds": round(seconds, 3)}]),

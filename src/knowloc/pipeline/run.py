@@ -257,6 +257,8 @@ def map_frame(attr: Attribution, ident: dict[str, Any], seconds: float) -> pd.Da
            "seconds": float(seconds), "n_layers": int(scores.shape[0]),
            "d_mlp": int(scores.shape[1]), "dtype": str(scores.dtype),
            "scores": scores.reshape(-1), "activations": acts.reshape(-1)}
+    if attr.completeness_gap is not None:  # per layer (float64)
+        row["completeness_gap"] = attr.completeness_gap.double().cpu().numpy()
     return with_ident(pd.DataFrame([row]), ident)
 
 
@@ -274,8 +276,16 @@ def map_attribution(row: Any) -> tuple[Attribution, float]:
         prob=float(row.prob), top1=bool(row.top1), predicted_id=int(row.predicted_id),
         predicted=str(row.predicted), config=json.loads(row.config),
         query_id=str(row.query_id), fact_id=str(row.fact_id), relation=str(row.relation),
-        extra=json.loads(row.extra), target_ids=tuple(int(t) for t in row.target_ids))
+        extra=json.loads(row.extra), target_ids=tuple(int(t) for t in row.target_ids),
+        completeness_gap=_stored_gap(getattr(row, "completeness_gap", None)))
     return attr, float(row.seconds)
+
+
+def _stored_gap(value: Any) -> torch.Tensor | None:
+    """A ``maps`` row's per-layer completeness gap; None for a map stored without one."""
+    if value is None or np.ndim(value) == 0:  # absent, or NaN beside newer parts
+        return None
+    return torch.from_numpy(np.asarray(value, dtype=np.float64).copy())
 
 
 def read_map(store: RunStore, key: str, query_id: str) -> tuple[Attribution, float]:

@@ -32,6 +32,7 @@ class Preset:
     methods: tuple[str, ...] = field(default_factory=method_names)  # every registered method
     n_steps: int = 20
     target: str = "first"  # the answer's first token, or "all" of it (teacher-forced)
+    rule: str = "riemann_right"  # integration rule (knowloc.attribution.quadrature)
     population: str = "known"
     max_screen_per_relation: int | None = None
     static_threshold: float = 0.1
