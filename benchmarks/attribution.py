@@ -72,6 +72,8 @@ from typing import Any
 
 import numpy as np
 
+from knowloc.models.forward import prompt_activations
+
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("gemma3-270m", "gpt2-small-random")
 ENGINES = ("knowloc", "loop", "loop-tuned", "knowledge-neurons")
@@ -160,7 +162,7 @@ def loop_attribute(model: Any, prompt: str, answer: str, n_steps: int, tuned: bo
     ids = torch.tensor([model.encode_prompt(prompt)], device=model.device)
     target = model.answer_ids(prompt, answer)[0]
     work = torch.promote_types(model.dtype, torch.float32)  # float32, or float64 for a check
-    acts = model.activations(ids[0]).to(work)  # [L, D], one no-grad forward
+    acts = prompt_activations(model, ids[0]).to(work)  # [L, D], one no-grad forward
     batch = ids.repeat(n_steps, 1)  # the prompt repeated once per integration step
     alphas = torch.arange(1, n_steps + 1, dtype=work, device=model.device) / n_steps
     base, head, cap = model.base_model(), model.unembedding(), model.logit_softcap()

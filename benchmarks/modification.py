@@ -27,6 +27,8 @@ import statistics
 import time
 from pathlib import Path
 
+from knowloc.models.forward import prompt_probs
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -60,7 +62,7 @@ def main() -> None:
     edited = []
     for f in facts:
         if f.relation in rels and len(edited) < args.facts:
-            probs = model.next_token_probs([q.prompt for q in f.queries])
+            probs = prompt_probs(model, [q.prompt for q in f.queries])
             known = [int(p.argmax()) == model.target_ids(q.prompt, q.answer)[0]
                      for q, p in zip(f.queries, probs)]
             if any(known):

@@ -23,6 +23,7 @@ from knowloc.evaluation import (
     probability_metrics,
 )
 from knowloc.interventions.weights import Edit
+from knowloc.models.forward import prompt_probs
 
 
 # ------------------------------------------------------------ hand-made predictions
@@ -69,7 +70,7 @@ def test_evaluate_edit_matches_direct_predictions():
     prompts = ["the official language of brazil is", "the language spoken in brazil is",
                "people in brazil speak", "in brazil people speak"]
     # make the fact "known": use the model's own top-1 as o, and another token as o′
-    top = [int(m.next_token_probs([p])[0].argmax()) for p in prompts]
+    top = [int(prompt_probs(m, [p])[0].argmax()) for p in prompts]
     o = top[0]
     o2 = (o + 7) % len(m.tokenizer)
     qs = [EvalQuery(f"q{i}", tuple(m.encode_prompt(p)), o, o2) for i, p in enumerate(prompts)]
@@ -81,9 +82,9 @@ def test_evaluate_edit_matches_direct_predictions():
                              baseline=Baseline(), gen_on="all")
         (row,) = rows
         with edit.applied(m):
-            after = [m.next_token_probs([p])[0] for p in prompts]
-            loc_after = [int(m.next_token_probs([p])[0].argmax()) for p in loc_prompts]
-        loc_before = [int(m.next_token_probs([p])[0].argmax()) for p in loc_prompts]
+            after = [prompt_probs(m, [p])[0] for p in prompts]
+            loc_after = [int(prompt_probs(m, [p])[0].argmax()) for p in loc_prompts]
+        loc_before = [int(prompt_probs(m, [p])[0].argmax()) for p in loc_prompts]
         tgt = o if op == "erase" else o2
         hits = [int(a.argmax()) == tgt for a in after]
         rel = float(hits[0]) if op == "update" else 1 - float(hits[0])
@@ -91,7 +92,7 @@ def test_evaluate_edit_matches_direct_predictions():
         assert row["status"] == "ok" and row["n_neurons"] == 4 and row["n_gen"] == 3
         assert row["rel"] == rel and row["gen"] == pytest.approx(gen)
         assert row["loc"] == pytest.approx(sum(a == b for a, b in zip(loc_after, loc_before)) / 3)
-        p_b = float(m.next_token_probs([prompts[0]])[0, tgt])
+        p_b = float(prompt_probs(m, [prompts[0]])[0, tgt])
         change = p_b - float(after[0][tgt]) if op == "erase" else float(after[0][tgt]) - p_b
         assert row["rel_prob"] == pytest.approx(change, abs=1e-6)
 

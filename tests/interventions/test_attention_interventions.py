@@ -29,6 +29,7 @@ from knowloc.interventions.attention import (
     synapse_experiment,
 )
 from knowloc.interventions.attention import hooks as A
+from knowloc.models.forward import prompt_activations, prompt_probs
 from knowloc.synapses import (
     AttentionMap,
     SynapseSet,
@@ -483,13 +484,13 @@ def test_synapse_effect(models, arch):
     same = synapse_effect(m, PROMPT, "portuguese", syn, 1.0, kns)
     assert same.delta_value == 0 and same.delta_prob == 0 and same.n_synapses == len(syn)
     eff = synapse_effect(m, PROMPT, "portuguese", syn, 0.0, kns)
-    acts = m.activations(m.encode_prompt(PROMPT))
-    p = float(m.next_token_probs([PROMPT])[0, m.answer_ids(PROMPT, "portuguese")[0]])
+    acts = prompt_activations(m, m.encode_prompt(PROMPT))
+    p = float(prompt_probs(m, [PROMPT])[0, m.answer_ids(PROMPT, "portuguese")[0]])
     assert eff.value_before == pytest.approx(mean_activation(acts, kns), rel=1e-5, abs=1e-6)
     assert eff.prob_before == pytest.approx(p, rel=1e-5)
     assert eff.delta_prob == pytest.approx(-(eff.prob_after - eff.prob_before) / eff.prob_before)
     with eager_attention(m), scale_attention(m, syn, 0.0):
-        after = m.activations(m.encode_prompt(PROMPT))
+        after = prompt_activations(m, m.encode_prompt(PROMPT))
     assert eff.value_after == pytest.approx(mean_activation(after, kns), rel=1e-5, abs=1e-6)
     assert eff.delta_value != 0
     # an unrelated, longer query's synapses are clipped and counted
@@ -513,7 +514,7 @@ def test_heatmap_frame(models):
     assert list(frame.columns) == ["query", "prompt", "condition", "layer", "neuron", "activation"]
     assert len(frame) == 2 * 3 * m.n_layers * 10
     none = frame[(frame["query"] == "brazil") & (frame["condition"] == "none")]
-    want = m.activations(m.encode_prompt(PROMPT))[:, :10].numpy().reshape(-1)
+    want = prompt_activations(m, m.encode_prompt(PROMPT))[:, :10].numpy().reshape(-1)
     np.testing.assert_allclose(none["activation"].to_numpy(), want, rtol=1e-5, atol=1e-6)
     sup = frame[(frame["query"] == "brazil") & (frame["condition"] == "suppress")]
     syn = knowledge_synapses(attention_map(m, PROMPT))
@@ -542,7 +543,7 @@ def gemma_known(gemma):
         if f.relation in seen:
             continue
         q = f.queries[0]
-        if int(gemma.next_token_probs([q.prompt])[0].argmax()) == gemma.answer_ids(q.prompt, q.answer)[0]:
+        if int(prompt_probs(gemma, [q.prompt])[0].argmax()) == gemma.answer_ids(q.prompt, q.answer)[0]:
             facts.append(f)
             seen.add(f.relation)
         if len(facts) == REAL_FACTS:
@@ -608,12 +609,12 @@ def test_synapse_effects_share_one_unscaled_forward(models, arch):
         handle.remove()
     assert len(calls) == 1 + len(variants)
     with eager_attention(m):
-        acts_b = m.activations(ids)
-        p_b = float(m.next_token_probs([ids])[0, answer[0]])
+        acts_b = prompt_activations(m, ids)
+        p_b = float(prompt_probs(m, [ids])[0, answer[0]])
         for (s_v, factor), by_set in zip(variants, effects):
             with scale_attention(m, s_v, factor):
-                acts_a = m.activations(ids)
-                p_a = float(m.next_token_probs([ids])[0, answer[0]])
+                acts_a = prompt_activations(m, ids)
+                p_a = float(prompt_probs(m, [ids])[0, answer[0]])
             for kns, e in zip(sets, by_set):
                 assert e.factor == factor and e.n_neurons == len(kns)
                 assert e.prob_before == pytest.approx(p_b, rel=1e-6)

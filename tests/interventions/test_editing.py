@@ -11,6 +11,7 @@ from tiny import ARCHS, tiny_model
 from knowloc.errors import ConfigError
 from knowloc.interventions.activations import intervene, intervention_probs
 from knowloc.interventions.weights import Edit, weights_digest
+from knowloc.models.forward import prompt_probs
 
 PROMPT = "the official language of brazil is"
 
@@ -132,11 +133,11 @@ def test_batched_intervention_probs_match_one_at_a_time():
     variants = [(_neurons(m, 5, seed=s), scale) for s, scale in ((0, 0.0), (1, 2.0), (2, 0.0))]
     probs = intervention_probs(m, ids, variants, [target]).float()
     assert probs.shape == (4,)
-    torch.testing.assert_close(probs[0], m.next_token_probs([PROMPT])[0, target], atol=1e-6,
+    torch.testing.assert_close(probs[0], prompt_probs(m, [PROMPT])[0, target], atol=1e-6,
                                rtol=1e-5)
     for row, (neurons, scale) in enumerate(variants, start=1):
         with intervene(m, neurons, scale):
-            ref = m.next_token_probs([PROMPT])[0, target]
+            ref = prompt_probs(m, [PROMPT])[0, target]
         torch.testing.assert_close(probs[row], ref, atol=1e-6, rtol=1e-5)
 
 
@@ -209,9 +210,9 @@ def test_erasing_knowledge_neurons_lowers_p_answer_on_gemma(gemma, gemma_kns):
     lowered = 0
     for prompt, answer, _, kns in gemma_kns:
         t = gemma.answer_ids(prompt, answer)[0]
-        p_b = float(gemma.next_token_probs([prompt])[0, t])
+        p_b = float(prompt_probs(gemma, [prompt])[0, t])
         with Edit.erase(kns).applied(gemma):
-            p_a = float(gemma.next_token_probs([prompt])[0, t])
+            p_a = float(prompt_probs(gemma, [prompt])[0, t])
         lowered += p_a < p_b
     assert lowered >= 4, f"erasure lowered P(answer) on only {lowered} of {len(gemma_kns)} facts"
     assert weights_digest(gemma) == before_digest
@@ -228,11 +229,11 @@ def test_update_raises_p_new_object_on_gemma(gemma, gemma_kns):
     signed = plain = 0
     for prompt, answer, new, kns in gemma_kns:
         t, t2 = gemma.answer_ids(prompt, answer)[0], gemma.answer_ids(prompt, new)[0]
-        p_b = float(gemma.next_token_probs([prompt])[0, t2])
+        p_b = float(prompt_probs(gemma, [prompt])[0, t2])
         signs = activation_signs(gemma, [gemma.encode_prompt(prompt)], kns)
         with Edit.update(kns, t, t2, signs=signs).applied(gemma):
-            signed += float(gemma.next_token_probs([prompt])[0, t2]) > p_b
+            signed += float(prompt_probs(gemma, [prompt])[0, t2]) > p_b
         with Edit.update(kns, t, t2).applied(gemma):
-            plain += float(gemma.next_token_probs([prompt])[0, t2]) > p_b
+            plain += float(prompt_probs(gemma, [prompt])[0, t2]) > p_b
     assert signed >= 4, f"signed update raised P(o') on only {signed} of {len(gemma_kns)} facts"
     assert plain < signed

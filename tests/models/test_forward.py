@@ -11,6 +11,7 @@ from tiny import ARCHS, tiny_model
 
 from knowloc import attribute
 from knowloc.models import compat, forward
+from knowloc.models.forward import prompt_activations, prompt_probs
 
 PROMPT = "the official language of brazil is"
 OTHER = "people in japan speak the language"  # another prompt of the same length (6 words)
@@ -28,7 +29,7 @@ def test_next_token_probs_equal_the_full_model_softmax(arch):
     torch.testing.assert_close(probs, ref, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(probs.sum(-1), torch.ones(2), atol=1e-5, rtol=0)
     # Model.next_token_probs runs each prompt on its own through the same path
-    torch.testing.assert_close(m.next_token_probs([PROMPT, OTHER]), probs, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(prompt_probs(m, [PROMPT, OTHER]), probs, atol=1e-6, rtol=1e-5)
 
 
 def test_softcap_is_applied_once_and_matches_transformers():
@@ -52,8 +53,8 @@ def test_activations_and_probs_with_a_hook():
     ids = m.encode_prompt(PROMPT)
     acts, probs = forward.activations_and_probs(m, ids)
     assert acts.device.type == "cpu" and probs.device.type == "cpu"
-    torch.testing.assert_close(acts, m.activations(ids).float())
-    torch.testing.assert_close(probs, m.next_token_probs([ids])[0].cpu())
+    torch.testing.assert_close(acts, prompt_activations(m, ids).float())
+    torch.testing.assert_close(probs, prompt_probs(m, [ids])[0].cpu())
 
     def zero_layer_1(layer, h):
         return h * 0 if layer == 1 else h
@@ -64,7 +65,7 @@ def test_activations_and_probs_with_a_hook():
     assert float((probs0 - probs).abs().max()) > 1e-4
     batch = forward.last_activations(m, torch.tensor([ids, m.encode_prompt(OTHER)]))
     assert tuple(batch.shape) == (2, m.n_layers, m.d_mlp)
-    torch.testing.assert_close(batch[0], m.activations(ids), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(batch[0], prompt_activations(m, ids), atol=1e-4, rtol=1e-4)
 
 
 def test_cache_argument_follows_the_installed_transformers():
@@ -94,7 +95,7 @@ def _localize_with_warnings_as_errors(model, prompt: str, answer: str) -> None:
         for method in ("ig", "sig", "amig"):
             attr = attribute(model, (prompt, answer), method, n_steps=3, progress=False)
             assert torch.isfinite(attr.scores).all()
-        model.next_token_probs([prompt])
+        prompt_probs(model, [prompt])
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -19,6 +19,7 @@ from knowloc.models import (
     supported_architectures,
     wrap,
 )
+from knowloc.models.forward import prompt_activations
 
 PROMPT = "the official language of brazil is"
 
@@ -101,7 +102,7 @@ def test_structure_is_read_from_the_config(tiny):
     assert tiny.d_mlp != 4 * 32  # not the 4 x hidden default
     for layer in range(tiny.n_layers):
         assert tuple(tiny.value_vectors(layer).shape) == (tiny.d_mlp, 32)
-    assert tuple(tiny.activations(tiny.encode_prompt(PROMPT)).shape) == (3, tiny.d_mlp)
+    assert tuple(prompt_activations(tiny, tiny.encode_prompt(PROMPT)).shape) == (3, tiny.d_mlp)
     # attention sizes from the tiny configs: 4 heads of width 8; kv heads as configured
     assert (tiny.d_model, tiny.n_heads, tiny.head_dim) == (32, 4, 8)
     assert tiny.n_kv_heads == EXPECTED_KV_HEADS[arch]
@@ -170,7 +171,7 @@ def test_self_check_catches_a_wrong_site_of_the_right_shape(site):
 # ---------------------------------------------------------- hooks and value vectors
 def test_value_vector_zeroing_equals_activation_zeroing(tiny):
     base = _logits(tiny)
-    acts = tiny.activations(tiny.encode_prompt(PROMPT))
+    acts = prompt_activations(tiny, tiny.encode_prompt(PROMPT))
     gen = torch.Generator().manual_seed(1)
     for layer in range(tiny.n_layers):
         neurons = [int(acts[layer].abs().argmax())] + torch.randint(
@@ -209,7 +210,7 @@ def test_value_vectors_is_a_view_of_the_down_projection(tiny):
 
 def test_hook_activations_sees_and_replaces_the_neurons(tiny):
     ids = tiny.encode_prompt(PROMPT)
-    acts = tiny.activations(ids)
+    acts = prompt_activations(tiny, ids)
     seen = {}
 
     def grab(layer, h):
@@ -257,7 +258,7 @@ def test_hooks_are_removed_after_an_exception(tiny):
 
 
 def test_activations_do_not_track_gradients(tiny):
-    acts = tiny.activations(tiny.encode_prompt(PROMPT))
+    acts = prompt_activations(tiny, tiny.encode_prompt(PROMPT))
     assert not acts.requires_grad
     assert all(not p.requires_grad for p in tiny.hf.parameters())
 
@@ -365,6 +366,7 @@ def test_load_model_unknown_name_is_a_model_error(tmp_path):
 def test_package_exports_are_listed_and_resolve():
     import knowloc
 
-    assert set(knowloc.__all__) == set(knowloc._EXPORTS) | {"__version__"}
+    assert set(knowloc.__all__) == set(knowloc._EXPORTS) | {"__version__", "reproduce"}
     for name in knowloc.__all__:
         assert getattr(knowloc, name) is not None
+    assert callable(knowloc.reproduce)  # the module, callable like its function

@@ -8,6 +8,7 @@ from conftest import PARAREL
 from reference_attribution import reference_attribute
 
 from knowloc import attribute, knowledge_neurons, load_facts
+from knowloc.models.forward import prompt_probs
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +25,7 @@ def test_gemma_knows_brazil(gemma):
     prompt, answer = BRAZIL
     target = gemma.answer_ids(prompt, answer)[0]
     assert target == 41082
-    p = gemma.next_token_probs([prompt])[0]
+    p = prompt_probs(gemma, [prompt])[0]
     assert int(p.argmax()) == target
     assert float(p[target]) == pytest.approx(0.886, abs=0.02)
 
@@ -92,7 +93,7 @@ def test_gemma_fast_engine_matches_float32_reference(gemma):
 def test_smollm2_is_llama_and_knows_paris(smollm2):
     assert smollm2.adapter.name == "llama" and smollm2.config.model_type == "llama"
     assert smollm2.checked
-    p = smollm2.next_token_probs([FRANCE[0]])[0]
+    p = prompt_probs(smollm2, [FRANCE[0]])[0]
     assert int(p.argmax()) == smollm2.answer_ids(*FRANCE)[0]
 
 

@@ -8,6 +8,7 @@ from conftest import WIKITEXT, cli_error
 from tiny import CAPITAL_FACTS, LANGUAGE_FACTS, tiny_model
 
 from knowloc.cli import main
+from knowloc.models.forward import prompt_probs
 
 
 def test_modify_writes_table2_and_resumes(run, capsys):
@@ -100,10 +101,10 @@ def test_intervene_writes_figure4_with_checkable_rows(run, capsys):
     cfg = __import__("yaml").safe_load((run / "config.yaml").read_text())
     model = load_model(cfg["model"]["name"])
     t = model.answer_ids(q["prompt"], q["answer"])[0]
-    p_b = float(model.next_token_probs([q["prompt"]])[0, t])
+    p_b = float(prompt_probs(model, [q["prompt"]])[0, t])
     scale = 0.0 if ok["op"] == "suppress" else 2.0
     with intervene(model, list(zip(ns["layer"], ns["neuron"])), scale):
-        p_a = float(model.next_token_probs([q["prompt"]])[0, t])
+        p_a = float(prompt_probs(model, [q["prompt"]])[0, t])
     assert ok["p_before"] == pytest.approx(p_b, rel=1e-5)
     assert ok["p_after"] == pytest.approx(p_a, rel=1e-4, abs=1e-7)
     sign = -1 if ok["op"] == "suppress" else 1

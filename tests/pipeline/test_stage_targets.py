@@ -21,6 +21,7 @@ from knowloc.interventions.attention import (
 )
 from knowloc.interventions.weights import Edit
 from knowloc.models.compat import cache_kwargs, output_cache
+from knowloc.models.forward import prompt_activations, prompt_probs
 from knowloc.pipeline.localize import ScreenUnit, screen_fact, screen_key
 from knowloc.pipeline.mapping import MappingUnit, intervene_fact, neighbor_sets
 from knowloc.pipeline.modify import EditState, EditUnit, PPLSpec, edit_fact, new_object
@@ -152,7 +153,7 @@ def test_synapse_effect_scales_the_prompt_rows_only(tiny):
     # a one-token target is the next-token probability, exactly as before
     one = synapse_effect(tiny, Q2, "portuguese", syn, 0.0, NEURONS, target="all")
     with torch.no_grad():
-        p = float(tiny.next_token_probs([Q2])[0, tiny.answer_ids(Q2, "portuguese")[0]])
+        p = float(prompt_probs(tiny, [Q2])[0, tiny.answer_ids(Q2, "portuguese")[0]])
     assert one.prob_before == pytest.approx(p, rel=1e-5)
 
 
@@ -269,7 +270,7 @@ TURING = "Alan Turing was born in the year"
 
 def strong_neurons(model, ids, k=8):
     """The k neurons of layers 8-15 with the largest |activation| at the last prompt token."""
-    acts = model.activations(ids)[8:16].abs()
+    acts = prompt_activations(model, ids)[8:16].abs()
     top = torch.topk(acts.flatten(), k).indices
     return sorted((8 + int(i) // model.d_mlp, int(i) % model.d_mlp) for i in top)
 

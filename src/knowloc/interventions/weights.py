@@ -27,6 +27,7 @@ import torch
 
 from ..errors import ConfigError
 from ..models import Model
+from ..models.forward import prompt_activations
 from ..neurons import Neuron, as_neurons, check_neurons, neurons_by_layer
 
 log = logging.getLogger(__name__)
@@ -179,7 +180,7 @@ def activation_signs(
     ns = as_neurons(neurons)
     if not ns or not prompts_ids:
         return {n: 1.0 for n in ns}
-    acts = torch.stack([model.activations(list(p)) for p in prompts_ids]).mean(0)
+    acts = torch.stack([prompt_activations(model, list(p)) for p in prompts_ids]).mean(0)
     return {(l, p): (-1.0 if float(acts[l, p]) < 0 else 1.0) for l, p in ns}
 
 

@@ -263,17 +263,3 @@ class Model:
         finally:
             for h in handles:
                 h.remove()
-
-    def next_token_probs(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> torch.Tensor:
-        """[n, vocab] next-token probabilities after each prompt, one pass each (a shortcut
-        for :func:`knowloc.models.forward.prompt_probs`)."""
-        from .forward import prompt_probs
-
-        return prompt_probs(self, prompts)
-
-    def activations(self, prompt_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        """[n_layers, d_mlp] neuron activations at the last position of a prompt (a shortcut
-        for :func:`knowloc.models.forward.prompt_activations`)."""
-        from .forward import prompt_activations
-
-        return prompt_activations(self, prompt_ids)
