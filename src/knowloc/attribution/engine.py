@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError, DataError
 from ..models import ActivationFn, Model
 from ..models.compat import cache_kwargs, output_cache, repeat_cache_rows
+from ..store.io import atomic_write
 from .head import HEAD_BLOCK, HeadOutput, head_rows, target_prob_grad, work_dtype
 from .methods import AttributionConfig, AttributionMethod
 
@@ -138,7 +139,8 @@ class Attribution:
         path = Path(path)
         data = asdict(self)
         data["target_ids"] = list(self.target_ids)
-        torch.save({"format": SAVE_FORMAT, "version": SAVE_VERSION, "attribution": data}, path)
+        payload = {"format": SAVE_FORMAT, "version": SAVE_VERSION, "attribution": data}
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
         return path
 
     @classmethod
