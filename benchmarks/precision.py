@@ -2,11 +2,11 @@
 
 Usage::
 
-    python benchmarks/precision.py                          # 12 ParaRel queries, CPU
+    python benchmarks/precision.py                          # 12 built-in queries, CPU
     python benchmarks/precision.py --device cuda --json runs/precision_cuda.json
     python benchmarks/precision.py --quick                  # 3 queries, 4 steps: does it run?
 
-A fixed set of ParaRel queries (the first ``--queries``, up to 4 per fact, one fact per
+A fixed set of queries of ``--dataset`` (the first ``--queries``, up to 4 per fact, one fact per
 relation in sorted relation order: the same set as ``throughput.py``) is localized with IG,
 SIG and AMIG (``--steps`` integration steps, library defaults otherwise) on each embedded
 model, once per dtype, all on the same ``--device``: float32 (the reference), bfloat16 and
@@ -50,7 +50,6 @@ from typing import Any
 import torch
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from throughput import pick_queries, print_table  # the sibling benchmark script
 
@@ -208,8 +207,8 @@ def table(report: dict[str, Any]) -> list[dict[str, Any]]:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default=str(REPO.parent / "shared" / "data" / "pararel"),
-                    help="ParaRel directory (default: ../shared/data/pararel from the repo)")
+    ap.add_argument("--dataset", default="builtin",
+                    help="builtin (default: knowloc's built-in facts), pararel:DIR or jsonl:FILE")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--dtypes", nargs="+", choices=HALF, default=list(HALF),
@@ -229,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.cuda.get_device_name() if args.device == "cuda" else \
         f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
     print(f"device: {device}, torch {torch.__version__}")
-    print(f"work: {len(queries)} ParaRel queries "
+    print(f"work: {len(queries)} queries of {args.dataset} "
           f"({len({q.relation for q in queries})} relations), {', '.join(METHODS)} "
           f"{args.steps} steps; float32 vs {', '.join(args.dtypes)}")
     report: dict[str, Any] = {

@@ -49,7 +49,11 @@ def test_gemma_ig_finds_knowledge_neurons(gemma):
 # rounding alone, so the float32 engine is checked against that float64 truth instead: it
 # must be within float32 accuracy and closer to it than the float32 plain loop is (measured
 # here: SmolLM2 ig 3.5e-6 vs 2.7e-5, amig 1.3e-5 vs 3.1e-4; 3.7e-5 for amig on another CPU).
-F64_TOL = 1e-9
+# transformers' LLaMA RMSNorm computes in float32 even in a float64 model, so the two
+# implementations' different batchings leave float32 rounding in the last bits: SmolLM2 IG
+# measured 3.7e-9 on an AVX-512 CPU (below 1e-9 on others). A different integral (n_steps
+# 5 instead of 4) is 1e-3 away, six orders above this tolerance.
+F64_TOL = 1e-8
 FLOAT32_AGREE = 1e-3
 
 

@@ -66,6 +66,17 @@ class Head:
                 continue
         return found
 
+    def workers(self) -> list[psutil.Process]:
+        """The node's worker processes (``ray::Worker``, ``ray::IDLE``...)."""
+        found = []
+        for p in self.processes():
+            try:
+                if p.name().startswith("ray::") or " ".join(p.cmdline()).startswith("ray::"):
+                    found.append(p)
+            except psutil.Error:
+                continue
+        return found
+
     def raylet(self) -> psutil.Process:
         (raylet,) = [p for p in self.processes() if p.name() == "raylet"]
         return raylet
@@ -115,7 +126,16 @@ def test_killed_raylet_ends_the_run_with_how_to_resume(head, tiny_dir, facts_fil
             break
         time.sleep(0.01)
     assert driver.poll() is None, f"the driver ended first: {driver.stderr.read()[-2000:]}"
+    # the node goes: its raylet is killed, and its workers with it at once (Ray's workers
+    # exit once they notice their raylet is gone; a fast run could otherwise finish on the
+    # worker it already has before that)
+    workers = head.workers()
     head.raylet().send_signal(signal.SIGKILL)
+    for w in workers:
+        try:
+            w.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
     killed = time.time()
     try:
         _, err = driver.communicate(timeout=BOUND_S)

@@ -57,9 +57,11 @@ def _no_model(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("the model was used")
 
-    for target in ("knowloc.attribution.attribute", "knowloc.pipeline.localize.attribute",
-                   "knowloc.models.load_model", "knowloc.models.load.load_model",
-                   "knowloc.load_model"):
+    # knowloc.load_model first: it resolves lazily through knowloc.models, and patched after
+    # it would record (and restore) the refusing stand-in as its original
+    for target in ("knowloc.load_model", "knowloc.attribution.attribute",
+                   "knowloc.pipeline.localize.attribute", "knowloc.models.load_model",
+                   "knowloc.models.load.load_model"):
         monkeypatch.setattr(target, refuse, raising=False)
     monkeypatch.setattr(torch.nn.Module, "__call__", refuse)
 

@@ -11,7 +11,7 @@ reference the engine is tested against lives in the tests.
 
 from __future__ import annotations
 
-from .engine import Attribution, attribute, auto_batch_size
+from .engine import attribute, auto_batch_size
 from .head import HeadOutput, target_prob_grad, work_dtype
 from .methods import (
     SIG_MODES,
@@ -26,6 +26,7 @@ from .methods import (
     sort_methods,
     unregister_method,
 )
+from .result import Attribution
 
 __all__ = [
     "SIG_MODES",

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from .engine import Attribution
+    from .result import Attribution
 
 __all__ = ["FRAME_COLUMNS", "META_COLUMNS", "attribution_frame", "attribution_html",
            "attribution_meta", "plot_attribution"]

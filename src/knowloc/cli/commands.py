@@ -443,7 +443,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_sensitivity(args) -> int:
-    from ..study.sensitivity import sensitivity, sensitivity_markdown, write_sensitivity
+    from ..study.sensitivity import sensitivity
+    from ..study.sensitivity_report import sensitivity_markdown, write_sensitivity
 
     if not args.run.is_dir():
         raise ConfigError(f"run directory {args.run} does not exist")

@@ -17,7 +17,7 @@ from ..report.html import Section, build_report
 from ..report.sections import effective_configuration, overview_section, timing_text
 from ..store import RunStore
 from .driver import read_journal
-from .sensitivity import sensitivity_section
+from .sensitivity_report import sensitivity_section
 from .spec import RunSpec, read_spec
 from .stages import Localization, Stage, stages_of
 
