@@ -299,21 +299,22 @@ def require_complete(store: RunStore, table: str, *, stage: str, allow_partial: 
     if not n_missing:
         return
     msg = (f"run {store.root} is incomplete: {n_missing} of {n_all} {stage} units are missing; "
-           f"finish it with `{_finish_command(store, stage)}` (it resumes)")
+           f"finish it with `{finish_command(store, stage)}` (it resumes)")
     if not allow_partial:
         raise RunIncompleteError(f"{msg}, or pass --allow-partial to use the "
                                  f"{n_all - n_missing} finished ones")
     log.warning("%s; using the %d finished ones (allow_partial)", msg, n_all - n_missing)
 
 
-def _finish_command(store: RunStore, stage: str) -> str:
-    """The last recorded command line that ran ``stage`` (or reproduce) on the run."""
+def finish_command(store: RunStore, stage: str, default: str | None = None) -> str:
+    """The last recorded command line that ran ``stage`` (or reproduce) on the run; without
+    one, ``default`` (or a ``knowloc <stage> ... --out RUN`` template)."""
     runs = store.read_env()["runs"]
     for env in reversed(runs):
         argv = env.get("argv") or []
         if env.get("command") in (stage, "reproduce") and len(argv) > 1:
             return "knowloc " + " ".join(str(a) for a in argv[1:])
-    return f"knowloc {stage} ... --out {store.root}"
+    return default or f"knowloc {stage} ... --out {store.root}"
 
 
 def _run(todo: Sequence[Unit], compute: Compute, store: RunStore, model: Any, marker: str,

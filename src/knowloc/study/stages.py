@@ -197,8 +197,9 @@ class LocalizeStage(Stage):
     def sections(self, store: RunStore, result: Localization, shown: Shown,
                  spec: RunSpec) -> list[tuple[int, Section]]:
         n_layers = int(spec.model_info.get("n_layers") or 0)
-        if not n_layers and "layer" in store.table("neuron_sets"):
-            n_layers = int(store.table("neuron_sets")["layer"].max()) + 1
+        if not n_layers:  # a run without a fingerprint: the deepest layer with a neuron
+            layers = store.table("neuron_sets").get("layer")
+            n_layers = int(layers.max()) + 1 if layers is not None and len(layers) else 0
         return [(10, localization_section(store, result.queries, result.screened, n_layers))]
 
 

@@ -11,22 +11,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..pipeline.units import plan_groups
+from ..pipeline.units import finish_command, plan_groups
 from ..store import RunStore
 from .driver import read_journal
 from .spec import RunSpec, read_spec
 from .stages import stages_of
 
 LOG_FILE = "knowloc.log"
-
-
-def _finish_command(store: RunStore, stage: str) -> str | None:
-    """The last recorded command line that ran ``stage`` (or reproduce) on the run."""
-    for env in reversed(store.read_env()["runs"]):
-        argv = env.get("argv") or []
-        if env.get("command") in (stage, "reproduce") and len(argv) > 1:
-            return "knowloc " + " ".join(str(a) for a in argv[1:])
-    return None
 
 
 def describe_configuration(spec: RunSpec) -> str:
@@ -100,7 +91,7 @@ def run_status(run: str | Path | RunStore, *, log_lines: int = 10) -> dict[str, 
             entry["last_run"] = {k: noted.get(k) for k in ("finished", "seconds", "computed",
                                                             "skipped_done")}
         if entry["present"] and not entry["complete"]:
-            entry["finish"] = _finish_command(store, stage.name) or stage.command(store.root)
+            entry["finish"] = finish_command(store, stage.name, stage.command(store.root))
         elif not entry["present"]:
             entry["add"] = stage.command(store.root)
         stages.append(entry)
