@@ -81,13 +81,50 @@ def test_fused_head_matches_autograd_softmax(monkeypatch, block):
     hidden = torch.randn(5, W.shape[1], dtype=torch.float64) * 3
     hidden[3] = W[11] * 50  # row 3: token 11 dominates, p close to 1
     for target in (0, 11, W.shape[0] - 1):
-        p, g, top = A.target_prob_grad(model, hidden, target, max_rows=2, argmax_row=3)
+        p, g, top = A.target_prob_grad(model, hidden, target, max_rows=2, argmax_row=3)[:3]
         h = hidden.clone().requires_grad_(True)
         ref_p = torch.softmax(h @ W.t(), -1)[:, target]
         (ref_g,) = torch.autograd.grad(ref_p.sum(), h)
         assert torch.allclose(p, ref_p.detach(), rtol=1e-12, atol=1e-300)
         assert rel_err(g, ref_g) < 1e-10
         assert top == int((hidden[3] @ W.t()).argmax()) == 11
+
+
+@pytest.mark.parametrize("block", [7, 8192])
+@pytest.mark.parametrize("cap", [None, 0.5])
+def test_forward_only_head_rows_match_dense_softmax(monkeypatch, block, cap):
+    """P(target) of forward-only rows -- alone (target_prob) or riding on a fused head call
+    (``extra``) -- equals a dense float64 softmax, soft-capped or not; and the riding rows
+    leave the fused call's own outputs unchanged to the bit."""
+    import copy
+
+    from knowloc.attribution import head as A
+    from knowloc.models import wrap
+
+    tiny = tiny_model("llama")
+    model = wrap(copy.deepcopy(tiny.hf).double(), tiny.tokenizer, name="tiny-f64", check=False)
+    monkeypatch.setattr(A, "HEAD_BLOCK", block)
+    monkeypatch.setattr(type(model), "logit_softcap", lambda self: cap)
+    W = model.unembedding().weight
+    torch.manual_seed(2)
+    hidden = torch.randn(5, W.shape[1], dtype=torch.float64) * 3
+    extra = torch.randn(4, W.shape[1], dtype=torch.float64) * 3
+    extra[1] = W[5] * 50  # p close to 1
+    for target in (0, 5, W.shape[0] - 1):
+        z = extra @ W.t()
+        if cap:
+            z = torch.tanh(z / cap) * cap
+        ref = torch.softmax(z, -1)[:, target]
+        alone = A.target_prob(model, extra, target, max_rows=3)
+        assert torch.allclose(alone, ref, rtol=1e-12, atol=1e-300)
+        plain = A.target_prob_grad(model, hidden, target, max_rows=2, argmax_row=1)
+        riding = A.target_prob_grad(model, hidden, target, max_rows=2, argmax_row=1,
+                                    extra=extra)
+        assert plain.extra is None
+        assert torch.equal(riding.prob, plain.prob) and torch.equal(riding.grad, plain.grad)
+        assert riding.top == plain.top
+        # the same products as one target_prob call over the same rows
+        assert torch.equal(riding.extra, A.target_prob(model, extra, target))
 
 
 def test_soft_capped_logits_match_reference():

@@ -131,16 +131,13 @@ def test_gap_is_zero_where_the_integrand_is_constant(monkeypatch):
     torch.manual_seed(0)
     w = torch.randn(model.d_model, dtype=torch.float64)
 
-    def linear_head(model, hidden, targets, max_rows, argmax_row=None):
+    def linear_head(model, hidden, targets, max_rows, argmax_row=None, extra=None):
         h = hidden[:, 0].double()
         tops = [int(targets[0])] if argmax_row is not None else []
-        return h @ w, w.expand(h.shape[0], 1, -1).clone(), tops
-
-    def linear_probs(model, hidden, targets, max_rows):
-        return hidden[:, 0].double() @ w
+        p_extra = None if extra is None else extra[:, 0].double() @ w
+        return h @ w, w.expand(h.shape[0], 1, -1).clone(), tops, p_extra
 
     monkeypatch.setattr(engine, "_answer_head", linear_head)
-    monkeypatch.setattr(engine, "_target_probs", linear_probs)
     for rule in RULES:
         for n in (2, 3):
             for method in ("ig", "amig"):

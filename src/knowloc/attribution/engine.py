@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from ..models import ActivationFn, Model
 from ..models.compat import cache_kwargs, output_cache, repeat_cache_rows
-from .head import HEAD_BLOCK, HeadOutput, head_rows, target_prob_grad, work_dtype
+from .head import HeadOutput, head_rows, target_prob_grad, work_dtype
 from .methods import AttributionConfig, AttributionMethod
 from .result import Attribution
 
@@ -253,49 +253,34 @@ def _grad_scale(g_hidden: torch.Tensor, dtype: torch.dtype) -> float:
 
 
 def _answer_head(model: Model, hidden: torch.Tensor, targets: Sequence[int], max_rows: int,
-                 argmax_row: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+                 argmax_row: int | None = None, extra: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor | None]:
     """P(answer) ``[n]`` of teacher-forced rows ``hidden`` ``[n, len(targets), d_model]``,
-    its gradient w.r.t. ``hidden`` and, with ``argmax_row``, that row's most likely token at
-    every position. P = prod_i p_i, dP/dh_i = (prod_{j != i} p_j) dp_i/dh_i (no division)."""
+    its gradient w.r.t. ``hidden``, with ``argmax_row`` that row's most likely token at
+    every position, and P(answer) of the forward-only rows ``extra`` ``[m, len(targets),
+    d_model]`` (None without them; they share the head's sweep of the vocabulary, see
+    :func:`~knowloc.attribution.head.target_prob_grad`). P = prod_i p_i, dP/dh_i =
+    (prod_{j != i} p_j) dp_i/dh_i (no division)."""
     heads: list[HeadOutput] = [
-        target_prob_grad(model, hidden[:, i], t, max_rows, argmax_row=argmax_row)
+        target_prob_grad(model, hidden[:, i], t, max_rows, argmax_row=argmax_row,
+                         extra=None if extra is None else extra[:, i])
         for i, t in enumerate(targets)
     ]
     tops = [int(h.top) for h in heads if h.top is not None]
+    p_extra = None
+    if extra is not None:
+        parts = [h.extra for h in heads if h.extra is not None]
+        p_extra = parts[0]
+        for part in parts[1:]:
+            p_extra = p_extra * part
     if len(heads) == 1:
-        return heads[0].prob, heads[0].grad[:, None], tops
+        return heads[0].prob, heads[0].grad[:, None], tops, p_extra
     p = torch.stack([h.prob for h in heads], 1)  # [n, len(targets)]
     grads = []
     for i, h in enumerate(heads):
         others = torch.cat([p[:, :i], p[:, i + 1:]], 1).prod(1)
         grads.append(others[:, None] * h.grad)
-    return p.prod(1), torch.stack(grads, 1), tops
-
-
-def _target_probs(model: Model, hidden: torch.Tensor, targets: Sequence[int],
-                  max_rows: int) -> torch.Tensor:
-    """P(answer) ``[n]`` of teacher-forced rows ``hidden`` ``[n, len(targets), d_model]``
-    without gradients: one product with the unembedding (the fused head's second one, for
-    the gradient, is not needed), a few rows at a time over the whole vocabulary (rows sized
-    like the fused head's blocks), soft-capped where the model caps its logits."""
-    head = model.unembedding()
-    W = head.weight
-    assert isinstance(W, torch.Tensor)
-    bias = getattr(head, "bias", None)
-    cap = model.logit_softcap()
-    work = work_dtype(model)
-    rows = max(1, max_rows * 3 * HEAD_BLOCK // W.shape[0])
-    p = torch.ones(hidden.shape[0], device=hidden.device, dtype=work)
-    with torch.no_grad():
-        for i, t in enumerate(targets):
-            for s in range(0, hidden.shape[0], rows):
-                z = (hidden[s:s + rows, i].to(W.dtype) @ W.t()).to(work)
-                if bias is not None:
-                    z += bias.to(work)
-                if cap:
-                    z = torch.tanh(z / cap) * cap
-                p[s:s + rows] *= torch.exp(z[:, t] - torch.logsumexp(z, -1))
-    return p
+    return p.prod(1), torch.stack(grads, 1), tops, p_extra
 
 
 def _baseline_rows(model: Model, runner: PrefixRunner, base: torch.Tensor, acts: torch.Tensor,
@@ -363,13 +348,12 @@ def _attribute_one(
     acts = torch.empty(L, D, device=dev, dtype=model.dtype)
     grad_sum = torch.zeros(n_base, L, D, device=dev, dtype=work)
     p_base = torch.full((n_base, L), math.nan, device=dev, dtype=work)  # P(b_l) per baseline
-    if not quad.has_zero:  # the baseline points, forward only, in a head call of their own
-        # (added to a pass's head call they would change its matrix shapes, and so the bits)
+    base_hidden: torch.Tensor | None = None
+    base_order: list[tuple[int, int]] = []
+    if not quad.has_zero:  # the baseline points: forward only, in passes of their own; their
+        # P(b_l) rides on the first pass's head call (rows of the pass itself would change
+        # its matrix shapes, and so the scores' bits)
         base_hidden, base_order = _baseline_rows(model, runner, base, acts, batch_size)
-        if base_order:
-            p_b = _target_probs(model, base_hidden, q.target_ids, max_head_rows)
-            for row, (layer, k) in enumerate(base_order):
-                p_base[k, layer] = p_b[row]
     prob = pred = None
     for n_pass, points in enumerate(plan_passes(L, n_base * r, batch_size)):
         first = n_pass == 0
@@ -377,13 +361,17 @@ def _attribute_one(
         with torch.enable_grad():
             hidden = runner.run(patch.counts, patch)  # [1 + len(points), n_answer, d_model]
             if first:
-                p_all, g_hidden, pred = _answer_head(model, hidden.detach(), q.target_ids,
-                                                     max_head_rows, argmax_row=0)
+                p_all, g_hidden, pred, p_b = _answer_head(
+                    model, hidden.detach(), q.target_ids, max_head_rows, argmax_row=0,
+                    extra=base_hidden if base_order else None)
                 prob = float(p_all[0])
                 p_rows = p_all[1:]
+                if p_b is not None:
+                    for row, (layer, k) in enumerate(base_order):
+                        p_base[k, layer] = p_b[row]
             else:  # row 0 carries no leaves here: leave it out of the head
-                p_rows, g_rest, _ = _answer_head(model, hidden[1:].detach(), q.target_ids,
-                                                 max_head_rows)
+                p_rows, g_rest, _, _ = _answer_head(model, hidden[1:].detach(),
+                                                    q.target_ids, max_head_rows)
                 g_hidden = torch.cat([torch.zeros_like(g_rest[:1]), g_rest])
             inputs = list(patch.leaves.values()) + list(patch.zeros.values())
             scale = _grad_scale(g_hidden, hidden.dtype)
