@@ -98,3 +98,57 @@ def test_refusals_are_one_line(localized, run, tmp_path, capsys):
     empty.mkdir()
     with pytest.raises(RunError, match="not a knowloc run directory"):
         compare([empty])
+
+
+PAPER = Path(__file__).resolve().parents[3] / "shared" / "paper" / \
+    "knowledge-localization-paper.txt"
+
+
+def _paper_text_rows() -> dict[tuple[str, str], list[float]]:
+    """(model, T) -> the 15 numbers of that row of the paper's Table 1, read from the
+    paper's text (model headers ``T\\tGPT-2``, rows ``St\\t0.56\\t...``)."""
+    rows: dict[tuple[str, str], list[float]] = {}
+    model = None
+    for line in PAPER.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.split("\t") if c.strip()]
+        if len(cells) == 2 and cells[0] == "T":
+            model = cells[1]
+        elif model and cells and cells[0] in ("St", "Ot") and len(cells) == 16:
+            rows[(model, cells[0])] = [float(c) for c in cells[1:]]
+    return rows
+
+
+@pytest.mark.skipif(not PAPER.exists(), reason="the paper's text is not beside the project")
+def test_paper_rows_are_the_papers_table1():
+    from knowloc.study.compare import paper_table1
+
+    text = _paper_text_rows()
+    assert len(text) == 6
+    table = paper_table1()
+    for (model, kind), nums in text.items():
+        block = table[(table["model"] == f"{model} (paper)") & (table["T"] == kind)]
+        got = block.set_index("method")
+        ig, sig, amig = nums[0:5], nums[5:10], nums[10:15]
+        for method, vals in (("ig", ig), ("sig", sig)):
+            assert list(got.loc[method, ["R_I", "S_I", "R_II", "S_II", "t"]]) == vals
+        # AMIG's last column is ∩: II, not t
+        assert list(got.loc["amig", ["R_I", "S_I", "R_II", "S_II"]]) == amig[:4]
+        assert set(block["cap_II"]) == {amig[4]}
+
+
+def test_paper_blocks_come_first(two_runs, tmp_path, capsys):
+    a, _ = two_runs
+    out = tmp_path / "cmp"
+    assert main(["-q", "compare", str(a), "--paper", "--out", str(out)]) == 0
+    table = pd.read_csv(out / "compare.csv")
+    assert list(dict.fromkeys(table["run"])) == ["paper", str(a.resolve())]
+    assert list(dict.fromkeys(table["model"]))[:3] == [
+        "GPT-2 (paper)", "LLaMA2-7b (paper)", "LLaMA3-8b (paper)"]
+    md = (out / "compare.md").read_text(encoding="utf-8").splitlines()
+    gpt2_st_ig = md[2]
+    assert gpt2_st_ig.startswith("| GPT-2 (paper) | St | IG |")
+    assert "| 0.56 |" in gpt2_st_ig and "| 236.0 |" in gpt2_st_ig and "–" in gpt2_st_ig
+    # the run's own block is unchanged by the paper's rows
+    block = table[table["run"] == str(a.resolve())].drop(columns=["model", "run"])
+    pd.testing.assert_frame_equal(block.reset_index(drop=True), pd.read_csv(a / "table1.csv"),
+                                  check_dtype=False)

@@ -62,6 +62,7 @@ def _localize_one(args, selection) -> int:
     import json
 
     from ..attribution import Attribution, attribute
+    from ..attribution.convergence import gap_summary
     from ..neurons import neurons_frame
     from ..report.figures import method_label
     from ..store import atomic_write_text, write_csv
@@ -82,6 +83,7 @@ def _localize_one(args, selection) -> int:
         dt = time.time() - t
         assert isinstance(attr, Attribution)  # one query in, one Attribution out
         kn = neurons_frame(attr, selection)
+        gap = gap_summary(attr)
         answer_tok = model.tokenizer.decode(attr.target_ids)
         summary = summary or {
             "prompt": args.prompt, "answer": args.answer, "target_tokens": answer_tok,
@@ -95,18 +97,21 @@ def _localize_one(args, selection) -> int:
             write_csv(args.out / f"neurons_{method}.csv", kn)
             summary["methods"][method] = {
                 "n_neurons": len(kn), "seconds": round(dt, 3),
-                "attribution": f"attribution_{method}.pt", "neurons": f"neurons_{method}.csv"}
+                "attribution": f"attribution_{method}.pt", "neurons": f"neurons_{method}.csv",
+                **gap.as_dict()}
         if args.json:
             print(json.dumps({
                 "prompt": args.prompt, "answer": args.answer, "target_tokens": answer_tok,
                 "P": attr.prob, "known": bool(attr.top1), "predicted": attr.predicted,
-                "method": method, "n_steps": args.n_steps,
+                "method": method, "n_steps": args.n_steps, "rule": args.rule, **gap.as_dict(),
                 "neurons": [[int(r.layer), int(r.neuron), float(r.attribution)]
                             for r in kn.itertuples()]}, ensure_ascii=False))
             continue
         print(f"\n{method_label(method)}  {args.prompt!r} -> {answer_tok!r}")
         print(f"  P(answer) = {attr.prob:.4f}   top-1 = {attr.predicted!r} "
               f"({'correct' if attr.top1 else 'not the answer'})   {dt:.1f} s")
+        for line in gap.lines(method, args.rule):
+            print(f"  {line}")
         print(f"  knowledge neurons ({selection.mode} threshold {selection.value}): {len(kn)}")
         print(f"  {'layer':>5} {'neuron':>7} {'attribution':>12} {'activation':>11}")
         for r in kn.head(args.top).itertuples():
@@ -470,7 +475,7 @@ def cmd_compare(args) -> int:
         if not run.is_dir():
             raise ConfigError(f"run directory {run} does not exist")
     check_writable(args.out)
-    cmp = compare(args.runs)
+    cmp = compare(args.runs, paper=args.paper)
     files = write_compare(cmp, args.out)
     print(files["md"].read_text(encoding="utf-8"))
     print(f"wrote {files['md']}, {files['csv'].name} and {files['png'].name}")

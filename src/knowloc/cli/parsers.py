@@ -397,6 +397,8 @@ def _compare_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("runs", type=Path, nargs="+", metavar="RUN",
                    help="run directories with consistency results")
     p.add_argument("--out", type=Path, default=Path("compare"), help="output directory")
+    p.add_argument("--paper", action="store_true",
+                   help="put the paper's Table 1 (GPT-2, LLaMA2-7b, LLaMA3-8b) first")
     return p
 
 

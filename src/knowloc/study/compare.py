@@ -27,10 +27,53 @@ from .spec import read_spec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Comparison", "compare", "compare_figure", "compare_markdown", "write_compare"]
+__all__ = ["PAPER_TABLE1", "Comparison", "compare", "compare_figure", "compare_markdown",
+           "paper_table1", "write_compare"]
 
 #: Columns in front of each run's Table 1 columns in :attr:`Comparison.table`.
 RUN_COLUMNS = ["model", "run"]
+
+#: The paper's Table 1 (Chen et al., ICLR 2025): model -> threshold kind -> method ->
+#: (R: I, S: I, R: II, S: II, t), and ∩: II per (model, threshold kind). IG is Dai et al.'s
+#: method, SIG Enguehard's, AMIG Chen et al.'s. The paper gives p < 1e-6 in every case, and
+#: neither n nor intervals.
+PAPER_TABLE1: dict[str, dict[str, Any]] = {
+    "GPT-2": {
+        "St": {"ig": (0.56, 0.21, 0.44, 0.03, 236), "sig": (0.54, 0.23, 0.46, 0.03, 235),
+               "amig": (0.53, 0.25, 0.47, 0.03, None), "cap_II": 0.42},
+        "Ot": {"ig": (0.41, 0.24, 0.59, 0.06, 223), "sig": (0.44, 0.29, 0.55, 0.05, 219),
+               "amig": (0.40, 0.29, 0.60, 0.06, None), "cap_II": 0.53},
+    },
+    "LLaMA2-7b": {
+        "St": {"ig": (0.40, 0.21, 0.60, 0.04, 158), "sig": (0.39, 0.20, 0.61, 0.04, 150),
+               "amig": (0.40, 0.20, 0.60, 0.04, None), "cap_II": 0.55},
+        "Ot": {"ig": (0.21, 0.28, 0.79, 0.062, 152), "sig": (0.20, 0.25, 0.80, 0.07, 158),
+               "amig": (0.24, 0.30, 0.76, 0.06, None), "cap_II": 0.70},
+    },
+    "LLaMA3-8b": {
+        "St": {"ig": (0.16, 0.16, 0.84, 0.03, 114), "sig": (0.15, 0.18, 0.85, 0.03, 105),
+               "amig": (0.18, 0.19, 0.82, 0.03, None), "cap_II": 0.77},
+        "Ot": {"ig": (0.23, 0.14, 0.77, 0.03, 128), "sig": (0.21, 0.15, 0.79, 0.03, 107),
+               "amig": (0.24, 0.16, 0.76, 0.03, None), "cap_II": 0.70},
+    },
+}
+
+
+def paper_table1() -> pd.DataFrame:
+    """The paper's Table 1 (:data:`PAPER_TABLE1`) in the columns of
+    :attr:`Comparison.table`: one block per model (``"GPT-2 (paper)"``, ...; ``run`` is
+    ``"paper"``), NaN where the paper gives no value (n, thresholds, intervals; the t of
+    AMIG, which its table leaves out; p, given only as < 1e-6)."""
+    rows = []
+    for model, kinds in PAPER_TABLE1.items():
+        for kind, methods in kinds.items():
+            for method in ("ig", "sig", "amig"):
+                r_i, s_i, r_ii, s_ii, t = methods[method]
+                rows.append({"model": f"{model} (paper)", "run": "paper", "method": method,
+                             "T": kind, "R_I": r_i, "S_I": s_i, "R_II": r_ii, "S_II": s_ii,
+                             "t": np.nan if t is None else float(t), "p": np.nan,
+                             "cap_II": methods["cap_II"]})
+    return pd.DataFrame(rows)
 
 
 @dataclass
@@ -64,8 +107,9 @@ def _run_table1(run: Path) -> tuple[str, pd.DataFrame]:
     return str(name), result.table1
 
 
-def compare(runs: Sequence[str | Path]) -> Comparison:
-    """Table 1 of each run, one block per model (see :class:`Comparison`).
+def compare(runs: Sequence[str | Path], paper: bool = False) -> Comparison:
+    """Table 1 of each run, one block per model (see :class:`Comparison`); with ``paper``,
+    the paper's blocks (:func:`paper_table1`) first.
 
     Raises:
         ConfigError: no run, or a run given twice.
@@ -87,7 +131,10 @@ def compare(runs: Sequence[str | Path]) -> Comparison:
         block.insert(0, "run", str(path))
         block.insert(0, "model", label)
         parts.append(block)
-    table = pd.concat(parts, ignore_index=True, sort=False)
+    columns = list(dict.fromkeys(c for part in parts for c in part.columns))
+    if paper:
+        parts.insert(0, paper_table1())
+    table = pd.concat(parts, ignore_index=True, sort=False)[columns]  # the runs' order
     return Comparison(table, paths)
 
 
