@@ -101,7 +101,10 @@ def overview_section(model: dict[str, Any], preset: str, effective: str, selecti
 
 def localization_section(store: RunStore, queries: pd.DataFrame, screened: pd.DataFrame,
                          n_layers: int) -> Section:
-    """Knowledge neurons per query by method, screening per relation, KNs per layer."""
+    """Knowledge neurons per query by method, convergence of the attributions, screening
+    per relation, KNs per layer."""
+    from .convergence import convergence_display, convergence_note, convergence_summary
+
     neurons = store.table("neuron_sets")
     if len(neurons):
         neurons = neurons[neurons["query_id"].isin(set(queries["query_id"]))]
@@ -111,6 +114,11 @@ def localization_section(store: RunStore, queries: pd.DataFrame, screened: pd.Da
     tables: list[tuple[str, pd.DataFrame, Path | None]] = [
         ("Knowledge neurons per query, by method", format_table(summary, LOCALIZATION_DISPLAY),
          store.path("localization_summary.csv"))]
+    convergence = convergence_summary(queries)
+    write_csv(store.path("convergence_summary.csv"), convergence)
+    tables.append(("Convergence of the attributions (completeness gap), by method",
+                   convergence_display(convergence),
+                   store.path("convergence_summary.csv")))
     if len(screened):  # a run localized without screening (knowloc localize) has none
         screened_summary = screen_summary(screened)
         write_csv(store.path("screen_summary.csv"), screened_summary)
@@ -122,6 +130,7 @@ def localization_section(store: RunStore, queries: pd.DataFrame, screened: pd.Da
     tables.append(("Example queries (first 30)", format_table(examples, EXAMPLES_DISPLAY), None))
     return Section(
         title="Localization",
+        html=convergence_note(convergence),
         tables=tables,
         figures=[("Share of knowledge neurons per layer", layer_png, layer_csv)],
     )
