@@ -27,6 +27,7 @@ from ..intervals import N_BOOT, grouped_mean_intervals, wilson
 from ..intervals import boot_seed as boot_seed_of
 from ..models import Model
 from ..store import RunStore
+from .resampling import run_bootstrap
 from .run import (
     RunFacts,
     key_config,
@@ -264,6 +265,8 @@ def attention_experiment(
     progress: bool = True,
     executor: Executor | None = None,
     allow_partial: bool = False,
+    n_boot: int | None = None,
+    boot_seed: int | None = None,
 ) -> AttentionResult:
     """Predominance (Figure 5), knowledge synapses and their suppression/enhancement
     (Figure 6) for every fact of the run's K_I/K_II split, and the activation heatmaps of
@@ -275,6 +278,8 @@ def attention_experiment(
     query (another relation's, seeded, clipped to the prompt length), each × 0 and × 2:
     ΔProb and ΔValue (mean activation of the query's KNs, per method). Writes
     ``predominance.parquet``, ``attention_queries.parquet`` and ``synapse_effects.parquet``.
+    ``n_boot``, ``boot_seed``: the bootstrap behind Figure 6's intervals (default: the
+    run's, :func:`~knowloc.pipeline.resampling.run_bootstrap`).
     """
     t0 = time.time()
     cfg.validate()
@@ -285,7 +290,8 @@ def attention_experiment(
                       desc="attention", unit_name="fact", progress=progress)
     panels = heatmap_panels(model, store, run, cfg, executor=executor,
                             progress=progress) if heatmaps else {}
-    res = attention_result(store, run, cfg, query_ids, panels)
+    res = attention_result(store, run, cfg, query_ids, panels, n_boot=n_boot,
+                           boot_seed=boot_seed)
     res.computed, res.skipped_done, res.seconds = stats.computed, stats.skipped_done, \
         time.time() - t0
     return res
@@ -293,10 +299,15 @@ def attention_experiment(
 
 def attention_result(store: RunStore, run: RunFacts, cfg: AttentionConfig,
                      query_ids: set[str] | None = None,
-                     panels: dict[str, HeatmapPanel] | None = None) -> AttentionResult:
+                     panels: dict[str, HeatmapPanel] | None = None, *,
+                     n_boot: int | None = None,
+                     boot_seed: int | None = None) -> AttentionResult:
     """Figures 5 and 6 of the stored attention tables of ``run``'s split (no model): what
     :func:`attention_experiment` returns, from a run directory. ``panels``: the heatmap
-    panels (default: those of the stored ``heatmaps`` table)."""
+    panels (default: those of the stored ``heatmaps`` table); ``n_boot``, ``boot_seed``:
+    the bootstrap of Figure 6's intervals (default: the run's,
+    :func:`~knowloc.pipeline.resampling.run_bootstrap`)."""
+    n_boot, boot_seed = run_bootstrap(store, n_boot, boot_seed)
     if panels is None:
         panels = stored_heatmap_panels(store)
     fact_ids = set(run.split["fact_id"])
@@ -316,7 +327,8 @@ def attention_result(store: RunStore, run: RunFacts, cfg: AttentionConfig,
             eff = eff[eff["query_id"].isin(query_ids)]
     return AttentionResult(pred.reset_index(drop=True), aq.reset_index(drop=True),
                            eff.reset_index(drop=True), figure5_table(pred, run.split),
-                           figure6_table(eff, run.split, only_known=cfg.only_known), run.split,
+                           figure6_table(eff, run.split, only_known=cfg.only_known,
+                                         n_boot=n_boot, boot_seed=boot_seed), run.split,
                            run.methods, cfg.only_known, panels, 0, 0, 0.0)
 
 

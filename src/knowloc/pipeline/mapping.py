@@ -21,6 +21,7 @@ from ..intervals import N_BOOT, grouped_mean_intervals
 from ..intervals import boot_seed as boot_seed_of
 from ..models import Model
 from ..store import RunStore
+from .resampling import run_bootstrap
 from .run import (
     RunFacts,
     key_config,
@@ -141,12 +142,15 @@ def query_kn_mapping(
     progress: bool = True,
     executor: Executor | None = None,
     allow_partial: bool = False,
+    n_boot: int | None = None,
+    boot_seed: int | None = None,
 ) -> MappingResult:
     """Suppress (×0) / enhance (×2) the activations of Self N_i and of the neighbor sets
     Union / Intersection / Refine at the last position and record ΔProb (Figure 4).
 
     Writes ``interventions.parquet``. Work units are (method, fact), content-hashed and
-    resumable.
+    resumable. ``n_boot``, ``boot_seed``: the bootstrap behind Figure 4's intervals
+    (default: the run's, :func:`~knowloc.pipeline.resampling.run_bootstrap`).
     """
     t0 = time.time()
     cfg.split_threshold = parse_threshold(cfg.split_threshold)
@@ -165,15 +169,19 @@ def query_kn_mapping(
     stats = run_units(units, intervene_fact, store, model=model, marker="interventions",
                       consolidate={"interventions": INTERVENTION_SORT}, executor=executor,
                       desc="intervening", unit_name="fact", progress=progress)
-    res = mapping_result(store, run, cfg)
+    res = mapping_result(store, run, cfg, n_boot=n_boot, boot_seed=boot_seed)
     res.computed, res.skipped_done, res.seconds = stats.computed, stats.skipped_done, \
         time.time() - t0
     return res
 
 
-def mapping_result(store: RunStore, run: RunFacts, cfg: MappingConfig) -> MappingResult:
+def mapping_result(store: RunStore, run: RunFacts, cfg: MappingConfig, *,
+                   n_boot: int | None = None, boot_seed: int | None = None) -> MappingResult:
     """Figure 4 of the stored ``interventions`` of ``run``'s split (no model): what
-    :func:`query_kn_mapping` returns, from a run directory."""
+    :func:`query_kn_mapping` returns, from a run directory. ``n_boot``, ``boot_seed``: the
+    bootstrap of its intervals (default: the run's,
+    :func:`~knowloc.pipeline.resampling.run_bootstrap`)."""
+    n_boot, boot_seed = run_bootstrap(store, n_boot, boot_seed)
     table = store.table("interventions")
     if len(table):
         pairs = set(zip(run.split["method"], run.split["fact_id"]))
@@ -182,7 +190,8 @@ def mapping_result(store: RunStore, run: RunFacts, cfg: MappingConfig) -> Mappin
             known = run.queries[run.queries["known"].astype(bool)]
             kq = set(zip(known["method"], known["query_id"]))
             table = table[[(m, q) in kq for m, q in zip(table["method"], table["query_id"])]]
-    return MappingResult(table.reset_index(drop=True), figure4_table(table, run.split),
+    return MappingResult(table.reset_index(drop=True),
+                         figure4_table(table, run.split, n_boot=n_boot, boot_seed=boot_seed),
                          run.methods, 0, 0, 0.0)
 
 

@@ -25,6 +25,7 @@ from ..intervals import N_BOOT, mean_intervals
 from ..intervals import boot_seed as boot_seed_of
 from ..models import Model
 from ..store import RunStore
+from .resampling import run_bootstrap
 from .run import (
     RunFacts,
     attribution_maps,
@@ -386,6 +387,8 @@ def modify(
     progress: bool = True,
     executor: Executor | None = None,
     allow_partial: bool = False,
+    n_boot: int | None = None,
+    boot_seed: int | None = None,
 ) -> ModifyResult:
     """Erase/update the knowledge neurons of every known query of the run's K_I/K_II facts.
 
@@ -395,6 +398,9 @@ def modify(
     restores the weights. Work units are (method, fact, op, set), content-hashed and
     resumable; the tables hold the units of ``cfg`` only. Writes ``edits.parquet`` and
     ``metrics.parquet`` (Table 2).
+
+    ``n_boot``, ``boot_seed``: the bootstrap behind the tables' intervals (default: the
+    run's, :func:`~knowloc.pipeline.resampling.run_bootstrap`).
     """
     cfg.validate()
     run = read_run(store, cfg.methods, cfg.split_threshold, query_ids,
@@ -409,7 +415,7 @@ def modify(
     stats = run_units(units, edit_unit_rows, store, model=model, setup=EditState,
                       marker="edits", consolidate={"edits": EDIT_SORT}, executor=executor,
                       desc="editing", progress=progress)
-    res = modify_result(store, run, ppl_config)
+    res = modify_result(store, run, ppl_config, n_boot=n_boot, boot_seed=boot_seed)
     store.put("metrics", "table2", res.table2)
     store.consolidate("metrics")
     res.computed, res.skipped_done, res.seconds = stats.computed, stats.skipped_done, \
@@ -417,17 +423,21 @@ def modify(
     return res
 
 
-def modify_result(store: RunStore, run: RunFacts, ppl_config: dict[str, Any]) -> ModifyResult:
+def modify_result(store: RunStore, run: RunFacts, ppl_config: dict[str, Any], *,
+                  n_boot: int | None = None, boot_seed: int | None = None) -> ModifyResult:
     """Tables 2 and 3 of the stored ``edits`` of the facts of ``run``'s split (no model):
     what :func:`modify` returns, from a run directory (``computed``, ``skipped_done`` and
-    ``seconds`` are 0 here)."""
+    ``seconds`` are 0 here). ``n_boot``, ``boot_seed``: the bootstrap of their intervals
+    (default: the run's, :func:`~knowloc.pipeline.resampling.run_bootstrap`)."""
+    n_boot, boot_seed = run_bootstrap(store, n_boot, boot_seed)
     edits = store.table("edits")
     if len(edits):
         pairs = set(zip(run.split["method"], run.split["fact_id"]))
         keep = [(m, f) in pairs for m, f in zip(edits["method"], edits["fact_id"])]
         edits = edits[keep].reset_index(drop=True)
-    t2 = table2(edits, run.split)
-    t3 = (table3(edits, run.split) if len(edits) and (edits["set"] == "cas").any() else None)
+    t2 = table2(edits, run.split, n_boot=n_boot, boot_seed=boot_seed)
+    t3 = (table3(edits, run.split, n_boot=n_boot, boot_seed=boot_seed)
+          if len(edits) and (edits["set"] == "cas").any() else None)
     return ModifyResult(edits, t2, 0, 0, 0.0, ppl_config, t3)
 
 

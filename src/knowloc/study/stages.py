@@ -279,7 +279,9 @@ class ModifyStage(Stage):
         run = _split_run(store, self.config.methods, self.config.split_threshold)
         if run is None:
             return None
-        return modify_result(store, run, dict(spec.modify_extra.get("ppl") or {}))
+        boot = spec.consistency or ConsistencyConfig()  # the run's bootstrap (Table 1's)
+        return modify_result(store, run, dict(spec.modify_extra.get("ppl") or {}),
+                             n_boot=boot.n_boot, boot_seed=boot.boot_seed)
 
     def present(self, store: RunStore, result: Any) -> Shown:
         return present_modification(store, result)
@@ -311,7 +313,10 @@ class MappingStage(Stage):
         if store.table("interventions").empty:
             return None
         run = _split_run(store, self.config.methods, self.config.split_threshold)
-        return None if run is None else mapping_result(store, run, self.config)
+        boot = spec.consistency or ConsistencyConfig()  # the run's bootstrap (Table 1's)
+        return None if run is None else mapping_result(store, run, self.config,
+                                                       n_boot=boot.n_boot,
+                                                       boot_seed=boot.boot_seed)
 
     def present(self, store: RunStore, result: Any) -> Shown:
         return present_mapping(store, result)
@@ -344,7 +349,9 @@ class AttentionStage(Stage):
             return None
         cfg: AttentionConfig = self.config.validate()
         run = _split_run(store, cfg.methods, cfg.split_threshold)
-        return None if run is None else attention_result(store, run, cfg)
+        boot = spec.consistency or ConsistencyConfig()  # the run's bootstrap (Table 1's)
+        return None if run is None else attention_result(store, run, cfg, n_boot=boot.n_boot,
+                                                         boot_seed=boot.boot_seed)
 
     def present(self, store: RunStore, result: Any) -> Shown:
         return present_attention(store, result)
