@@ -19,7 +19,7 @@ from ..store import RunStore, write_csv
 from .figures import kn_layers, method_label
 from .html import Section, build_report
 from .stages import Shown
-from .stats import SPREAD_NOTE, run_kinds
+from .stats import SPREAD_NOTE
 from .tables import (
     EXAMPLES_DISPLAY,
     FIGURE5_DISPLAY,
@@ -27,7 +27,6 @@ from .tables import (
     SCREEN_DISPLAY,
     corpus_note,
     edit_display,
-    edits_with_kinds,
     figure4_display,
     figure6_display,
     format_table,
@@ -175,8 +174,7 @@ def modification_sections(store: RunStore, mres: ModifyResult | None,
                 f"&Delta;PPL on {mres.ppl['n_entries']} entries drawn per edit (first "
                 f"{mres.ppl['max_tokens']} tokens each). <b>{note}</b> Empty neuron sets "
                 "are counted, never averaged as successes. " + SPREAD_NOTE + ".</p>"),
-            tables=[("Table 2", edit_display(mres.table2, edits_with_kinds(store, mres)),
-                     store.path("table2.csv"))],
+            tables=[("Table 2", edit_display(mres.table2), store.path("table2.csv"))],
         ))
     if ires is not None and ishown is not None:
         sections.append(Section(
@@ -188,11 +186,10 @@ def modification_sections(store: RunStore, mres: ModifyResult | None,
                 "Refine (in more than one N<sub>j</sub>). &Delta;Prob = &plusmn;(P<sub>a</sub> "
                 "&minus; P<sub>b</sub>)/P<sub>b</sub>, &minus; for suppression; Avg is their "
                 "mean. Known queries only; a query whose neighbor set is empty is counted in "
-                "n_empty and left out of the means. " + SPREAD_NOTE + ".</p>"),
-            tables=[("Figure 4 data (mean ΔProb)", figure4_display(
-                ires.figure4, ires.interventions.merge(run_kinds(store, "intervene"),
-                                                       on=["method", "fact_id"])
-                if len(ires.interventions) else None), store.path("figure4.csv"))],
+                "n_empty and left out of the means. " + SPREAD_NOTE + "; the figures' error "
+                "bars are these intervals.</p>"),
+            tables=[("Figure 4 data (mean ΔProb)", figure4_display(ires.figure4),
+                     store.path("figure4.csv"))],
             figures=[(f"Query-KN mapping, {method_label(m)} (Figure 4)", png, csv)
                      for m, (png, csv) in ishown.figures.items()],
         ))
@@ -230,10 +227,6 @@ def attention_sections(store: RunStore, mres: ModifyResult | None, ares: Attenti
                      store.path("figure5.csv"))],
             figures=fig5,
         ))
-        effects = (ares.effects.merge(ares.split[["method", "fact_id", "kind"]],
-                                      on=["method", "fact_id"]) if len(ares.effects) else None)
-        if effects is not None and ares.only_known:
-            effects = effects[effects["known"].astype(bool)]
         sections.append(Section(
             title="Knowledge synapses (Figure 6)",
             html=(
@@ -249,9 +242,10 @@ def attention_sections(store: RunStore, mres: ModifyResult | None, ares: Attenti
                 "BOS / sink token, one per head), so suppressing them disables attention for "
                 "any prompt and the Self / Irrelevant comparison saturates; the variant with "
                 "position 0 excluded from both sets is shown beside it. Known queries only "
-                "(unless the stage ran with --all-queries). " + SPREAD_NOTE + ".</p>"),
-            tables=[("Figure 6 data (mean ΔValue / ΔProb)",
-                     figure6_display(ares.figure6, effects), store.path("figure6.csv"))],
+                "(unless the stage ran with --all-queries). " + SPREAD_NOTE + "; the "
+                "figures' error bars are these intervals.</p>"),
+            tables=[("Figure 6 data (mean ΔValue / ΔProb)", figure6_display(ares.figure6),
+                     store.path("figure6.csv"))],
             figures=fig6,
         ))
         figs: list[tuple[str, Path, Path | None]] = []
@@ -282,8 +276,7 @@ def attention_sections(store: RunStore, mres: ModifyResult | None, ares: Attenti
                 "without <code>candidates</code>), edited for all the fact's known queries "
                 "at once like N<sub>g</sub>. Same erasure / update evaluation as Table 2. "
                 f"<b>{html.escape(corpus_note(mres.ppl))}</b></p>"),
-            tables=[("Table 3", table3_display(mres.table3, edits_with_kinds(store, mres)),
-                     store.path("table3.csv"))],
+            tables=[("Table 3", table3_display(mres.table3), store.path("table3.csv"))],
         ))
     return sections
 

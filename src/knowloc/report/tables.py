@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from ..attribution import sort_methods
@@ -18,7 +17,7 @@ from ..pipeline.modify import EDIT_OPS, EDIT_SETS, ModifyResult
 from ..store import RunStore
 from ..store.io import atomic_write_text, write_csv
 from .figures import method_label
-from .stats import SPREAD_NOTE, ci95, run_kinds
+from .stats import SPREAD_NOTE
 
 log = logging.getLogger(__name__)
 
@@ -97,20 +96,10 @@ def markdown_table(display: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def mean_pm(mean: float, half: float, digits: int = 2) -> str:
-    """``mean ± half`` (95% CI half-width), the half left out when it is undefined."""
-    if pd.isna(mean):
-        return "–"
-    text = f"{mean:.{digits}f}"
-    text = "−" + text[1:] if text.startswith("-") else text
-    return text if pd.isna(half) else f"{text} ± {half:.{digits}f}"
-
-
-def edit_display(table: pd.DataFrame, edits: pd.DataFrame | None = None) -> pd.DataFrame:
+def edit_display(table: pd.DataFrame) -> pd.DataFrame:
     """Table 2/3 rows for display: set, op, kind, n (edits), facts, each metric as mean
     [95% interval] (the table's ``<metric>_lo`` / ``_hi``: a bootstrap over facts), empty
-    sets. A table without intervals (made before they existed) shows mean ± the t-interval
-    half-width over ``edits`` (with a ``kind`` column), or the means alone."""
+    sets. A table without intervals (made before they existed) shows the means alone."""
     with_ci = all(f"{col}_lo" in table.columns for col, _ in METRICS_DISPLAY)
     rows = []
     for r in table.itertuples():
@@ -118,32 +107,16 @@ def edit_display(table: pd.DataFrame, edits: pd.DataFrame | None = None) -> pd.D
                "op": r.op, "kind": r.kind, "n": str(int(r.n_edits))}
         if with_ci:
             row["facts"] = format_value(getattr(r, "n_facts", None), "d")
-            for col, header in METRICS_DISPLAY:
-                row[header] = format_interval(getattr(r, col), getattr(r, f"{col}_lo"),
-                                              getattr(r, f"{col}_hi"), ".2f")
-            row["empty sets"] = str(int(r.n_empty))
-            rows.append(row)
-            continue
-        g = None
-        if edits is not None and len(edits):
-            g = edits[(edits["method"] == r.method) & (edits["set"] == r.set)
-                      & (edits["op"] == r.op) & (edits["kind"] == r.kind)
-                      & (edits["status"] == "ok")]
-            if len(g) != int(r.n_edits):
-                log.warning("table 2/3: %d edits found for %s/%s/%s/%s, the table has %d; "
-                            "shown without spread", len(g), r.method, r.set, r.op, r.kind,
-                            int(r.n_edits))
-                g = None
         for col, header in METRICS_DISPLAY:
-            half = ci95(g[col])[1] if g is not None else float("nan")
-            row[header] = mean_pm(getattr(r, col), half)
+            row[header] = (format_interval(getattr(r, col), getattr(r, f"{col}_lo"),
+                                           getattr(r, f"{col}_hi"), ".2f") if with_ci
+                           else format_value(getattr(r, col), ".2f"))
         row["empty sets"] = str(int(r.n_empty))
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def table2_markdown(t2: pd.DataFrame, corpus_note: str = "",
-                    edits: pd.DataFrame | None = None) -> str:
+def table2_markdown(t2: pd.DataFrame, corpus_note: str = "") -> str:
     """Table 2 as Markdown: one block per model and method, rows set × op × K_I/K_II, each
     metric as mean [95% interval] (a bootstrap over facts, :func:`edit_display`)."""
     lines = ["# Table 2: knowledge modification", ""]
@@ -153,18 +126,18 @@ def table2_markdown(t2: pd.DataFrame, corpus_note: str = "",
         return "\n".join(lines + ["(no edits)"])
     for (model_name, method), g in t2.groupby(["model", "method"], sort=False):
         lines += [f"## {model_name}, {method_label(str(method))}", "",
-                  markdown_table(edit_display(g, edits).drop(columns="method")), ""]
+                  markdown_table(edit_display(g).drop(columns="method")), ""]
     lines.append("Rel and Gen of erasure are 1 − accuracy; all metrics better when higher "
                  "except ΔPPL. Empty neuron sets are not edits and are not averaged. "
                  + SPREAD_NOTE + ".")
     return "\n".join(lines)
 
 
-def table3_display(t3: pd.DataFrame, edits: pd.DataFrame | None) -> pd.DataFrame:
+def table3_display(t3: pd.DataFrame) -> pd.DataFrame:
     """Table 3 in the paper's layout: rows method × K_I/K_II × {N_i, N_g, CAS}, columns
     Erasure and Update (Rel, Gen, Loc, Avg, ΔPPL as mean [95% interval]), n (edits) and
     facts."""
-    shown = edit_display(t3, edits)
+    shown = edit_display(t3)
     out = []
     for (method, kind, set_label), g in shown.groupby(["method", "kind", "set"], sort=False):
         row = {"method": method, "kind": kind, "set": set_label}
@@ -185,8 +158,7 @@ def table3_display(t3: pd.DataFrame, edits: pd.DataFrame | None) -> pd.DataFrame
         .reset_index(drop=True)
 
 
-def table3_markdown(t3: pd.DataFrame, corpus_note: str = "",
-                    edits: pd.DataFrame | None = None) -> str:
+def table3_markdown(t3: pd.DataFrame, corpus_note: str = "") -> str:
     """Table 3 as Markdown: per model and method, rows K_I/K_II × {N_i, N_g, CAS}, columns
     Erasure and Update (Rel, Gen, Loc, Avg, ΔPPL) with n."""
     lines = ["# Table 3: Consistency-Aware KN modification", ""]
@@ -196,7 +168,7 @@ def table3_markdown(t3: pd.DataFrame, corpus_note: str = "",
         return "\n".join(lines + ["(no edits)"])
     for (model_name, method), g in t3.groupby(["model", "method"], sort=False):
         lines += [f"## {model_name}, {method_label(str(method))}", "",
-                  markdown_table(table3_display(g, edits).drop(columns="method")), ""]
+                  markdown_table(table3_display(g).drop(columns="method")), ""]
     lines.append("CAS: neurons with CAS = 0.7 μ − 0.3 σ of the max-normalized attribution "
                  "over the fact's queries above 0.3 × max CAS, chosen among ∪ N_i (so the "
                  "set is a subset of N_g). Rel and Gen of erasure are 1 − accuracy; higher "
@@ -218,24 +190,16 @@ def write_table1(store: RunStore, res: ConsistencyResult) -> str:
     return md
 
 
-def edits_with_kinds(store: RunStore, res: ModifyResult) -> pd.DataFrame:
-    """The stage's edits with the K_I/K_II kind of their fact."""
-    if res.edits.empty:
-        return res.edits.assign(kind=pd.Series(dtype=str))
-    return res.edits.merge(run_kinds(store, "modify"), on=["method", "fact_id"])
-
-
 def write_tables23(store: RunStore, res: ModifyResult) -> tuple[str, str | None]:
     """``table2.csv``/``.md`` and, with CAS edits, ``table3.csv``/``.md``; returns the
     Markdown of both (None for a missing Table 3)."""
     note = corpus_note(res.ppl)
-    edits = edits_with_kinds(store, res)
-    md2 = table2_markdown(res.table2, corpus_note=note, edits=edits)
+    md2 = table2_markdown(res.table2, corpus_note=note)
     write_csv(store.path("table2.csv"), res.table2)
     atomic_write_text(store.path("table2.md"), md2 + "\n")
     md3 = None
     if res.table3 is not None:
-        md3 = table3_markdown(res.table3, corpus_note=note, edits=edits)
+        md3 = table3_markdown(res.table3, corpus_note=note)
         write_csv(store.path("table3.csv"), res.table3)
         atomic_write_text(store.path("table3.md"), md3 + "\n")
     return md2, md3
@@ -293,70 +257,34 @@ FIGURE5_DISPLAY: list[Column] = [
 METRIC_LABELS = {"delta_value": "ΔValue", "delta_prob": "ΔProb"}
 
 
-def figure4_display(figure4: pd.DataFrame, per_query: pd.DataFrame | None = None
-                    ) -> pd.DataFrame:
+def figure4_display(figure4: pd.DataFrame) -> pd.DataFrame:
     """Figure 4's means (ΔProb of Sup / Enh, their Avg) as mean [95% interval] (the table's
-    bootstrap over facts), with n (queries), facts and the empty sets. A table without
-    intervals shows mean ± the t-interval half-width over the queries (``per_query``:
-    interventions with ``kind``)."""
-    if "suppress_lo" in figure4.columns:
-        return pd.DataFrame([{
-            "method": method_label(str(r.method)), "kind": r.kind, "set": r.set,
-            "n": str(int(r.n_queries) - int(r.n_empty)), "facts": format_value(r.n_facts, "d"),
-            **{head: format_interval(getattr(r, col), getattr(r, f"{col}_lo"),
-                                     getattr(r, f"{col}_hi"), ".2f")
-               for col, head in (("suppress", "Sup ΔProb"), ("enhance", "Enh ΔProb"),
-                                 ("avg", "Avg"))},
-            "empty sets": str(int(r.n_empty))} for r in figure4.itertuples()])
-    rows = []
-    for r in figure4.itertuples():
-        half = {}
-        if per_query is not None:
-            g = per_query[(per_query["method"] == r.method) & (per_query["kind"] == r.kind)
-                          & (per_query["set"] == r.set) & (per_query["status"] == "ok")]
-            half = {op: ci95(g.loc[g["op"] == op, "delta_prob"])[1]
-                    for op in ("suppress", "enhance")}
-        hs, he = half.get("suppress", np.nan), half.get("enhance", np.nan)
-        rows.append({"method": method_label(str(r.method)), "kind": r.kind, "set": r.set,
-                     "n": str(int(r.n_queries) - int(r.n_empty)),
-                     "Sup ΔProb": mean_pm(r.suppress, hs), "Enh ΔProb": mean_pm(r.enhance, he),
-                     "Avg": mean_pm(r.avg, float(np.hypot(hs, he) / 2)),
-                     "empty sets": str(int(r.n_empty))})
-    return pd.DataFrame(rows)
+    bootstrap over facts, the figure's error bars), with n (queries), facts and the empty
+    sets. A table without intervals (made before they existed) shows the means alone."""
+    with_ci = "suppress_lo" in figure4.columns
+    return pd.DataFrame([{
+        "method": method_label(str(r.method)), "kind": r.kind, "set": r.set,
+        "n": str(int(r.n_queries) - int(r.n_empty)),
+        **({"facts": format_value(r.n_facts, "d")} if with_ci else {}),
+        **{head: (format_interval(getattr(r, col), getattr(r, f"{col}_lo"),
+                                  getattr(r, f"{col}_hi"), ".2f") if with_ci
+                  else format_value(getattr(r, col), ".2f"))
+           for col, head in (("suppress", "Sup ΔProb"), ("enhance", "Enh ΔProb"),
+                             ("avg", "Avg"))},
+        "empty sets": str(int(r.n_empty))} for r in figure4.itertuples()])
 
 
-def figure6_display(figure6: pd.DataFrame, effects: pd.DataFrame | None = None
-                    ) -> pd.DataFrame:
+def figure6_display(figure6: pd.DataFrame) -> pd.DataFrame:
     """Figure 6's means (ΔValue, ΔProb per kind, synapse set and operation) as mean [95%
-    interval] (the table's bootstrap over facts), with n (queries) and facts. A table
-    without intervals shows mean ± the t-interval half-width over the queries (``effects``
-    with ``kind``)."""
-    if "value_lo" in figure6.columns:
-        return pd.DataFrame([{
-            "method": method_label(str(r.method)),
-            "synapses": "as defined" if r.first else "position 0 excluded",
-            "kind": r.kind, "set": r.synapses, "op": r.operation,
-            "metric": METRIC_LABELS.get(r.metric, r.metric), "n": str(int(r.n)),
-            "facts": format_value(r.n_facts, "d"),
+    interval] (the table's bootstrap over facts, the figure's error bars), with n (queries)
+    and facts. A table without intervals (made before they existed) shows the means alone."""
+    with_ci = "value_lo" in figure6.columns
+    return pd.DataFrame([{
+        "method": method_label(str(r.method)),
+        "synapses": "as defined" if r.first else "position 0 excluded",
+        "kind": r.kind, "set": r.synapses, "op": r.operation,
+        "metric": METRIC_LABELS.get(r.metric, r.metric), "n": str(int(r.n)),
+        **({"facts": format_value(r.n_facts, "d"),
             "mean [95% interval]": format_interval(r.value, r.value_lo, r.value_hi, ".3f")}
-            for r in figure6.itertuples()])
-    def half_width(r: Any, operation: str) -> float:
-        if effects is None:
-            return float("nan")
-        g = effects[(effects["method"] == r.method)
-                    & (effects["first"].astype(bool) == bool(r.first))
-                    & (effects["kind"] == r.kind) & (effects["synapses"] == r.synapses)
-                    & (effects["operation"] == operation)]
-        _, half, n = ci95(g[r.metric])
-        return half if r.operation == "avg" or n == int(r.n) else float("nan")
-
-    rows = []
-    for r in figure6.itertuples():
-        half = (float(np.hypot(half_width(r, "sup"), half_width(r, "enh")) / 2)
-                if r.operation == "avg" else half_width(r, r.operation))
-        rows.append({"method": method_label(str(r.method)),
-                     "synapses": "as defined" if r.first else "position 0 excluded",
-                     "kind": r.kind, "set": r.synapses, "op": r.operation,
-                     "metric": METRIC_LABELS.get(r.metric, r.metric), "n": str(int(r.n)),
-                     "mean ± 95% CI": mean_pm(r.value, half, 3)})
-    return pd.DataFrame(rows)
+           if with_ci else {"mean": format_value(r.value, ".3f")})}
+        for r in figure6.itertuples()])

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from ...intervals import N_BOOT
 from ...pipeline.attention import (
     KIND_ORDER,
     OPERATION_ORDER,
@@ -17,12 +18,13 @@ from ...pipeline.attention import (
     synapse_effect_summary,
 )
 from ...store import RunStore
-from ..stats import ci95
 from .common import (
     FEW_POINTS,
+    INTERVAL_BARS,
     OP_COLOURS,
     Files,
     figure_files,
+    interval_bars,
     method_label,
     need_columns,
     ordered,
@@ -106,31 +108,52 @@ def violin_predominance(
 
 # ===================================================== Figure 6: synapse manipulation
 def bars_synapse_effects(
-    table: pd.DataFrame, path_png: str | os.PathLike[str], *, title: str | None = None
+    table: pd.DataFrame, path_png: str | os.PathLike[str], *, title: str | None = None,
+    n_boot: int = N_BOOT, boot_seed: int = 0,
 ) -> Figure:
     """Grouped bars of ΔValue and ΔProb (Figure 6): for K_I / K_II × Self / Irrelevant
-    synapses, bars for Enh, Sup and their Avg, in Figure 4's colours, with the 95% confidence
-    interval of each mean as an error bar (Avg: half the root sum of squares of the two). The
-    CSV is :func:`synapse_effect_summary` plus ``ci95`` (the half-width)."""
-    summary = synapse_effect_summary(table)
-    summary = summary.assign(ci95=_synapse_ci(summary, table))
+    synapses, bars for Enh, Sup and their Avg, in Figure 4's colours.
+
+    ``table`` is either
+
+    * the means to draw: rows of :func:`knowloc.pipeline.attention.figure6_table` (one
+      method and variant; columns ``kind, synapses, operation, metric, value``), each bar
+      with the table's 95% interval (``value_lo``, ``value_hi``, a bootstrap over facts) as
+      its error bar, so the figure shows exactly the table's interval; or
+    * the per-query effects (``kind, synapses, operation, delta_value, delta_prob``),
+      averaged by :func:`synapse_effect_summary`: with a ``fact_id`` column, the means get
+      the intervals of a bootstrap over facts (``n_boot`` resamples seeded by ``boot_seed``).
+
+    Bars of a mean without an interval (fewer than two facts) have no error bar. The CSV is
+    the plotted rows."""
+    if "value" in table.columns:
+        need_columns(table, ["kind", "synapses", "operation", "metric", "value"],
+                     "bars_synapse_effects")
+        summary = table.reset_index(drop=True)
+    else:
+        summary = synapse_effect_summary(table, n_boot=n_boot if "fact_id" in table else None,
+                                         boot_seed=boot_seed)
+    with_bars = {"value_lo", "value_hi"} <= set(summary.columns)
     fig = Figure(figsize=(10.0, 4.2), layout="constrained")
     axes = fig.subplots(1, 2, squeeze=False)[0]
     ops = ordered(summary["operation"], OPERATION_ORDER)
     for ax, metric, label in zip(axes, ("delta_value", "delta_prob"), ("ΔValue", "ΔProb")):
-        sub = summary[summary["metric"] == metric]
-        groups = list(dict.fromkeys(zip(sub["kind"], sub["synapses"])))
+        sub = summary[summary["metric"].astype(str) == metric]
+        groups = list(dict.fromkeys(zip(sub["kind"].astype(str), sub["synapses"].astype(str))))
         width = 0.8 / max(1, len(ops))
         for oi, op in enumerate(ops):
-            ys, errs = [], []
+            ys, los, his = [], [], []
             for kind, syn in groups:
-                row = sub[(sub["kind"] == kind) & (sub["synapses"] == syn) & (sub["operation"] == op)]
+                row = sub[(sub["kind"].astype(str) == kind)
+                          & (sub["synapses"].astype(str) == syn)
+                          & (sub["operation"].astype(str) == op)]
                 ys.append(float(row["value"].iloc[0]) if len(row) else np.nan)
-                errs.append(float(row["ci95"].iloc[0]) if len(row) else np.nan)
+                los.append(float(row["value_lo"].iloc[0]) if with_bars and len(row) else np.nan)
+                his.append(float(row["value_hi"].iloc[0]) if with_bars and len(row) else np.nan)
             xs = np.arange(len(groups)) + (oi - (len(ops) - 1) / 2) * width
-            ax.bar(xs, ys, width=width, yerr=np.nan_to_num(errs), capsize=2,
-                   label=OPERATION_LABELS.get(op, op),
+            ax.bar(xs, np.nan_to_num(ys), width=width, label=OPERATION_LABELS.get(op, op),
                    color=OP_COLOURS.get(OPERATION_NAMES.get(op, op), f"C{oi + 4}"))
+            interval_bars(ax, xs, los, his)
         ax.set_xticks(np.arange(len(groups)))
         ax.set_xticklabels([f"{k}\n{SYNAPSE_LABELS.get(s, s)}" for k, s in groups], fontsize=8)
         ax.axhline(0, color="k", linewidth=0.6)
@@ -140,39 +163,18 @@ def bars_synapse_effects(
             ax.text(0.5, 0.5, "no rows", transform=ax.transAxes, ha="center", va="center")
     axes[0].legend(fontsize=8)
     fig.suptitle((title or "Manipulating knowledge synapses (sign: + = in the expected "
-                  "direction)") + "\nmean, error bars: 95% CI of the mean")
+                  "direction)") + "\nmean" + (f"; {INTERVAL_BARS}" if with_bars else ""))
     save_figure(fig, path_png, summary)
     return fig
-
-
-def _synapse_ci(summary: pd.DataFrame, table: pd.DataFrame) -> list[float]:
-    """Half-widths of the 95% CIs of :func:`synapse_effect_summary`'s means, row by row."""
-    half: dict[tuple[str, str, str, str], float] = {}
-    for r in summary.itertuples():
-        if r.operation == "avg":
-            continue
-        g = table[(table["kind"].astype(str) == r.kind)
-                  & (table["synapses"].astype(str) == r.synapses)
-                  & (table["operation"].astype(str) == r.operation)]
-        half[(r.kind, r.synapses, r.operation, r.metric)] = ci95(g[r.metric])[1]
-    return [float(np.hypot(half.get((r.kind, r.synapses, "sup", r.metric), np.nan),
-                           half.get((r.kind, r.synapses, "enh", r.metric), np.nan)) / 2)
-            if r.operation == "avg" else half[(r.kind, r.synapses, r.operation, r.metric)]
-            for r in summary.itertuples()]
 
 
 # ===================================================================== stage figures
 def attention_figures(store: RunStore, res: AttentionResult) -> Files:
     """Figure 5 (``figure5_<method>``) and Figure 6 as defined and with position 0 excluded
-    (``figure6_<method>_<variant>``) per method."""
+    (``figure6_<method>_<variant>``: the method's and variant's rows of ``res.figure6``,
+    ``figure6.csv``, their 95% intervals as the error bars) per method."""
     out: Files = {}
-    eff = res.effects.merge(res.split[["method", "fact_id", "kind"]], on=["method", "fact_id"]) \
-        if len(res.effects) else pd.DataFrame(columns=["method", "first", "kind", "synapses",
-                                                       "operation", "delta_value", "delta_prob",
-                                                       "known"])
-    if res.only_known and len(eff):
-        eff = eff[eff["known"].astype(bool)]
-    fig5 = res.figure5
+    fig5, fig6 = res.figure5, res.figure6
     for method in res.methods:
         label = method_label(method)
         png = store.path("figures", f"figure5_{method}.png")
@@ -181,7 +183,7 @@ def attention_figures(store: RunStore, res: AttentionResult) -> Files:
                                   "split (Figure 5)")
         out[f"figure5_{method}"] = figure_files(png)
         for first, variant in SYNAPSE_VARIANTS.items():
-            sub = eff[(eff["method"] == method) & (eff["first"].astype(bool) == first)]
+            sub = fig6[(fig6["method"] == method) & (fig6["first"].astype(bool) == first)]
             png = store.path("figures", f"figure6_{method}_{variant}.png")
             what = "as defined" if first else "position 0 excluded"
             bars_synapse_effects(sub, png, title=f"Knowledge synapses ({what}) × 0 / × 2, "

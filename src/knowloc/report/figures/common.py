@@ -9,7 +9,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ...attribution import get_method, method_names
@@ -34,6 +36,10 @@ METHOD_LABELS: dict[str, str] = {
     "sig": "SIG (Enguehard)",
     "amig": "AMIG (Chen et al.)",
 }
+
+#: What the error bars of the figures of means (Figures 4 and 6) are: the intervals of
+#: their tables (``<col>_lo``, ``<col>_hi``).
+INTERVAL_BARS = "error bars: 95% interval, bootstrap over facts"
 
 #: ``name -> (png, csv)`` of the figures a stage function drew.
 Files = dict[str, tuple[Path, Path]]
@@ -87,3 +93,16 @@ def ordered(values: Sequence[object], order: Sequence[str]) -> list[str]:
     vals = [str(v) for v in dict.fromkeys(values)]
     known = [v for v in order if v in vals]
     return known + sorted((v for v in vals if v not in order), key=natural_key)
+
+
+def interval_bars(ax: Axes, x: Sequence[float] | np.ndarray, lo: Sequence[float] | np.ndarray,
+                  hi: Sequence[float] | np.ndarray) -> None:
+    """Draw the intervals ``[lo[i], hi[i]]`` at the positions ``x[i]`` as black capped
+    error bars, exactly from ``lo`` to ``hi`` whatever the height of the bar beside them; an
+    interval with a NaN bound (fewer than two facts) draws nothing."""
+    xs, low, high = (np.asarray(v, dtype=float) for v in (x, lo, hi))
+    ok = ~(np.isnan(low) | np.isnan(high))
+    if ok.any():
+        ax.errorbar(xs[ok], (low[ok] + high[ok]) / 2, yerr=(high[ok] - low[ok]) / 2,
+                    fmt="none", ecolor="black", elinewidth=0.9, capsize=2, zorder=3,
+                    label="_nolegend_")
