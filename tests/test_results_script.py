@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +41,9 @@ old quick
 <!-- results:table2-quick -->
 <!-- /results:table2-quick -->
 
+<!-- results:figure6-quick -->
+<!-- /results:figure6-quick -->
+
 <!-- results:quadrature -->
 old quadrature
 <!-- /results:quadrature -->
@@ -50,13 +54,13 @@ After, kept.
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path, facts_file: Path) -> Path:
-    """A tiny reproduce with consistency and modification (Tables 1-3)."""
+    """A tiny reproduce with every stage."""
     from knowloc.cli import main
 
     run = tmp_path_factory.mktemp("results") / "quick"
     assert main(["-q", "reproduce", "--model", str(tiny_dir), "--dataset", f"jsonl:{facts_file}",
                  "--method", "ig,amig", "--n-steps", "3", "--population", "all",
-                 "--no-attention", "--out", str(run)]) == 0
+                 "--out", str(run)]) == 0
     return run
 
 
@@ -99,6 +103,11 @@ def test_blocks_are_the_runs_tables_and_only_the_blocks_change(quick_run, quad_j
     rows = [line for line in table2.splitlines() if line.startswith("| N_")]
     assert rows and all(row in text for row in rows)
     assert "# Table 2" not in text
+    # Figure 6 as the report shows it (from the figure6.csv rendered again)
+    from knowloc.report.tables import figure6_display, markdown_table
+
+    fig6 = markdown_table(figure6_display(pd.read_csv(quick_run / "figure6.csv")))
+    assert fig6 in text
     assert "| m | ig | gausslegendre | 8 |" in text  # the quadrature table
     # a second run changes nothing; --check agrees
     assert results.main(argv) == 0

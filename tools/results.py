@@ -5,7 +5,7 @@ Usage::
 
     python tools/results.py --quick runs/quick \\
         --standard runs/standard-gemma runs/standard-smollm2 \\
-        --quadrature quadrature.json                  # rewrite README.md's result blocks
+        --quadrature quad-gemma.json quad-smollm2.json   # rewrite README.md's result blocks
     python tools/results.py ... --check               # exit 1 if a block is out of date
 
 Each run directory is first rendered again with :func:`knowloc.render_report` (its tables,
@@ -21,8 +21,10 @@ Blocks (a block whose input is not given is left as it is):
 * ``table1-standard``: Table 1 of the ``--standard`` runs beside the paper's rows
   (``knowloc compare --paper``), with n and 95% intervals;
 * ``table1-quick``, ``table2-quick``, ``table3-quick``: Tables 1, 2 and 3 of the ``--quick``
-  run;
-* ``quadrature``: the table of ``benchmarks/quadrature.py --json FILE``.
+  run; ``figure4-quick``, ``figure6-quick``: the numbers behind its Figures 4 (query-KN
+  mapping) and 6 (knowledge synapses), as its report shows them;
+* ``quadrature``: the table of ``benchmarks/quadrature.py --json FILE`` (one or more
+  files, summarized together).
 
 Every block starts with a line naming the run(s) it comes from: the model, preset, data,
 methods, steps and rule, as recorded in each run's ``config.yaml``. A change of formula in
@@ -45,7 +47,8 @@ BLOCK = re.compile(r"(<!-- results:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)"
                    r"(<!-- /results:(?P=name) -->)", re.DOTALL)
 BLOCK_NAMES = re.compile(r"<!-- results:([a-z0-9-]+) -->")
 #: Every block this script writes.
-NAMES = ("table1-standard", "table1-quick", "table2-quick", "table3-quick", "quadrature")
+NAMES = ("table1-standard", "table1-quick", "table2-quick", "table3-quick", "figure4-quick",
+         "figure6-quick", "quadrature")
 
 
 def replace_blocks(text: str, blocks: dict[str, str]) -> tuple[str, list[str]]:
@@ -126,20 +129,33 @@ def quick_blocks(run: Path) -> dict[str, str]:
         if md.exists():
             out[f"table{n}-quick"] = _with_source(provenance(run),
                                                   demote(md.read_text(encoding="utf-8")))
+    import pandas as pd
+
+    from knowloc.report.tables import figure4_display, figure6_display, markdown_table
+
+    for name, display in (("figure4", figure4_display), ("figure6", figure6_display)):
+        csv = run / f"{name}.csv"
+        if csv.exists():
+            out[f"{name}-quick"] = _with_source(
+                provenance(run), markdown_table(display(pd.read_csv(csv))))
     return out
 
 
-def quadrature_block(path: Path) -> str:
+def quadrature_block(paths: Sequence[Path]) -> str:
+    """The quadrature benchmark's table of one or more ``--json`` files (e.g. one per model,
+    run side by side), their cells summarized together."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    import quadrature  # the benchmark script: its own Markdown of its numbers
+    import quadrature  # the benchmark script: its own summary and Markdown of its numbers
 
-    data = json.loads(path.read_text(encoding="utf-8"))
-    rows = data["rows"]
-    return _with_source(f"`benchmarks/quadrature.py` ({path.name})",
-                        quadrature.markdown(rows, quadrature.verdicts(rows), data["header"]))
+    data = [json.loads(p.read_text(encoding="utf-8")) for p in paths]
+    rows = quadrature.summarize([c for d in data for c in d["cells"]])
+    header = "\n\n".join(dict.fromkeys(d["header"] for d in data))
+    names = ", ".join(p.name for p in paths)
+    return _with_source(f"`benchmarks/quadrature.py` ({names})",
+                        quadrature.markdown(rows, quadrature.verdicts(rows), header))
 
 
-def build_blocks(quick: Path | None, standard: Sequence[Path], quad: Path | None,
+def build_blocks(quick: Path | None, standard: Sequence[Path], quad: Sequence[Path],
                  refresh: Callable[[Path], None] = _refresh) -> dict[str, str]:
     """Every block the given inputs make, the runs rendered again first."""
     blocks: dict[str, str] = {}
@@ -160,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", type=Path, help="a run of `knowloc reproduce --preset quick`")
     ap.add_argument("--standard", type=Path, nargs="*", default=[],
                     help="runs of `knowloc reproduce --preset standard`, one per model")
-    ap.add_argument("--quadrature", type=Path, help="JSON of benchmarks/quadrature.py --json")
+    ap.add_argument("--quadrature", type=Path, nargs="*", default=[],
+                    help="JSON files of benchmarks/quadrature.py --json (e.g. one per model)")
     ap.add_argument("--files", type=Path, nargs="+", default=[ROOT / "README.md"],
                     help="Markdown files with result blocks (default: README.md)")
     ap.add_argument("--check", action="store_true",
