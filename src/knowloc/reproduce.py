@@ -47,6 +47,8 @@ def reproduce(
     executor: Executor | None = None,
     argv: Sequence[str] | None = None,
     keep_maps: bool = False,
+    n_boot: int = 1000,
+    boot_seed: int = 0,
 ) -> Path:
     """Run the preset's experiments into ``out`` and write ``out/report.html``.
 
@@ -56,7 +58,9 @@ def reproduce(
     in this process, see :func:`knowloc.pipeline.distributed.make_executor`). ``argv``: the
     command line recorded in ``env.json`` (default: this process's). ``keep_maps``: keep every
     query's full attribution map in the run (see
-    :class:`~knowloc.pipeline.localize.LocalizeConfig`).
+    :class:`~knowloc.pipeline.localize.LocalizeConfig`). ``n_boot``, ``boot_seed``: the
+    bootstrap over facts behind every interval (Tables 1-3, Figures 4 and 6), recorded in
+    ``config.yaml``'s consistency section.
     """
     from .data import load_facts
     from .evaluation import load_ppl_corpus
@@ -123,7 +127,8 @@ def reproduce(
                   ppl_text=ppl_text)
     screening = ScreenSettings(p.population, p.known_per_relation, p.max_screen_per_relation)
     run_stages([LocalizeStage(cfg, screening),
-                ConsistencyStage(ConsistencyConfig(p.population, p.static_threshold))],
+                ConsistencyStage(ConsistencyConfig(p.population, p.static_threshold,
+                                                   n_boot=n_boot, boot_seed=boot_seed))],
                ctx, present=False, timings=timings,
                labels={"localize": "screen + localize"})
     cres = store.table("consistency")

@@ -88,6 +88,45 @@ def test_reproduce_config_round_trip(tiny_dir, facts_file, tmp_path, capsys):
     assert tables(second) == tables(first)
 
 
+def test_bootstrap_settings_from_the_command_line_and_config(tiny_dir, facts_file, localized,
+                                                            tmp_path, capsys):
+    """--n-boot/--boot-seed set the bootstrap of every interval and are recorded; a run's
+    config.yaml given to --config carries them (they used to fall back to 1000/0)."""
+    import pandas as pd
+
+    from knowloc.pipeline.consistency import consistency_result
+    from knowloc.store import RunStore
+
+    first = tmp_path / "first"
+    assert main(["-q", "reproduce", "--model", str(tiny_dir), "--dataset", f"jsonl:{facts_file}",
+                 "--method", "ig,amig", "--n-steps", "2", "--population", "all",
+                 "--no-modify", "--no-attention", "--n-boot", "200", "--boot-seed", "7",
+                 "--out", str(first)]) == 0
+    cfg = yaml.safe_load((first / "config.yaml").read_text())
+    assert (cfg["consistency"]["n_boot"], cfg["consistency"]["boot_seed"]) == (200, 7)
+    scores = RunStore(first, create=False).table("consistency")
+    own = consistency_result(scores, 0.1, n_boot=200, boot_seed=7).table1
+    default = consistency_result(scores, 0.1).table1
+    written = pd.read_csv(first / "table1.csv")
+    assert written["R_I_lo"].tolist() == pytest.approx(own["R_I_lo"].tolist(), nan_ok=True)
+    assert written["S_I_lo"].tolist() == pytest.approx(own["S_I_lo"].tolist(), nan_ok=True)
+    assert written["S_I_lo"].tolist() != pytest.approx(default["S_I_lo"].tolist(), nan_ok=True)
+    second = tmp_path / "second"
+    assert main(["-q", "reproduce", "--config", str(first / "config.yaml"),
+                 "--out", str(second)]) == 0
+    again = yaml.safe_load((second / "config.yaml").read_text())
+    assert (again["consistency"]["n_boot"], again["consistency"]["boot_seed"]) == (200, 7)
+    assert (second / "table1.csv").read_bytes() == (first / "table1.csv").read_bytes()
+    # the consistency command alone
+    run = shutil.copytree(localized, tmp_path / "run")
+    assert main(["-q", "consistency", "--run", str(run), "--population", "all",
+                 "--n-boot", "200", "--boot-seed", "7"]) == 0
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert (cfg["consistency"]["n_boot"], cfg["consistency"]["boot_seed"]) == (200, 7)
+    line = cli_error(capsys, ["consistency", "--run", str(run), "--n-boot", "0"])
+    assert "n_boot" in line
+
+
 def test_stage_config_sets_the_stage_options(run, capsys):
     cfg = {"attention": {"alpha": 0.5, "only_known": False, "split_threshold": 0.2}}
     path = run / "stage.yaml"

@@ -207,7 +207,8 @@ def cmd_consistency(args) -> int:
                           "run `knowloc localize --dataset ... --out RUN` first")
     open_run_log(args, args.run)
     store = RunStore(args.run, create=False)
-    cfg = ConsistencyConfig(args.population, args.static_threshold).validate()
+    cfg = ConsistencyConfig(args.population, args.static_threshold, n_boot=args.n_boot,
+                            boot_seed=args.boot_seed).validate()
     ctx = Context(store, read_spec(store), allow_partial=args.allow_partial)
     shown = _run_stage(ConsistencyStage(cfg), ctx, "consistency").shown
     assert shown is not None
@@ -413,7 +414,8 @@ def cmd_reproduce(args) -> int:
     reproduce(args.out, model=args.model, preset=preset, device=args.device,
               dtype=args.dtype, seed=args.seed, overwrite=args.overwrite,
               progress=not args.quiet, ppl_text=args.ppl_text, executor=executor_of(args),
-              argv=args.argv, keep_maps=args.keep_maps)
+              argv=args.argv, keep_maps=args.keep_maps, n_boot=args.n_boot,
+              boot_seed=args.boot_seed)
     return 0
 
 

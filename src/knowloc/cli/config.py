@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 #: The sections (or ``section.key``) of a run's ``config.yaml`` each command reads.
 CONFIG_SECTIONS: dict[str, tuple[str, ...]] = {
     "localize": ("model", "dataset", "localize", "seed"),
-    "reproduce": ("model", "preset", "seed", "modify.ppl_text"),
+    "reproduce": ("model", "preset", "seed", "modify.ppl_text", "consistency.n_boot",
+                  "consistency.boot_seed"),
     "modify": ("model", "modify"),
     "intervene": ("model", "intervene"),
     "attention": ("model", "attention"),

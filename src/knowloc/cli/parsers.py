@@ -148,6 +148,13 @@ def _localize_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _add_boot_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n-boot", type=int, default=1000,
+                   help="resamples of the bootstrap over facts behind every interval "
+                        "(Tables 1-3, Figures 4 and 6)")
+    p.add_argument("--boot-seed", type=int, default=0, help="seed of that bootstrap")
+
+
 def _consistency_parser(sub: Any) -> argparse.ArgumentParser:
     p = _add_parser(sub, "consistency", "CS1/CS2, K_I/K_II, Welch t-test: Table 1 + Figure 3")
     p.add_argument("--run", type=Path, required=True, help="run directory made by localize")
@@ -155,6 +162,7 @@ def _consistency_parser(sub: Any) -> argparse.ArgumentParser:
                    help="facts known (top-1 on >= 1 query) or all facts")
     p.add_argument("--static-threshold", type=float, default=0.1,
                    help="K_I if CS2 > threshold (Table 1)")
+    _add_boot_args(p)
     p.add_argument("--allow-partial", action="store_true",
                    help="use the finished units of an unfinished localization (default: refuse)")
     p.add_argument("--localize", action="store_true",
@@ -195,6 +203,7 @@ def _reproduce_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--population", default=None, choices=["known", "all"],
                    help="facts analysed (default: the preset's; known)")
     p.add_argument("--seed", type=int, default=0, help="draws of facts and unrelated queries")
+    _add_boot_args(p)
     p.add_argument("--ppl-text", type=Path, default=None,
                    help="text file for ΔPPL of the modification stage (e.g. WikiText-2's "
                         "wiki.test.raw) (default: knowloc's small built-in English corpus)")

@@ -27,7 +27,8 @@ class ConsistencyConfig:
     """The consistency analysis: which facts count (``population``: ``known``, facts whose
     answer is the model's top-1 on at least one query, or ``all``) and the static K_I/K_II
     threshold of Table 1 (Otsu's threshold is always computed beside it); ``n_boot`` and
-    ``boot_seed``: resamples and seed of the bootstrap behind Table 1's intervals."""
+    ``boot_seed``: resamples and seed of the bootstrap over facts behind every interval of
+    the run (Tables 1-3, Figures 4 and 6; ``--n-boot``, ``--boot-seed``)."""
 
     population: str = "known"
     static_threshold: float = 0.1
