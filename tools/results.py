@@ -170,6 +170,13 @@ def build_blocks(quick: Path | None, standard: Sequence[Path], quad: Sequence[Pa
     return blocks
 
 
+def default_files() -> list[Path]:
+    """README.md and every docs/*.md that holds a result block."""
+    docs = [p for p in sorted((ROOT / "docs").glob("*.md"))
+            if BLOCK_NAMES.search(p.read_text(encoding="utf-8"))]
+    return [ROOT / "README.md", *docs]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -178,16 +185,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="runs of `knowloc reproduce --preset standard`, one per model")
     ap.add_argument("--quadrature", type=Path, nargs="*", default=[],
                     help="JSON files of benchmarks/quadrature.py --json (e.g. one per model)")
-    ap.add_argument("--files", type=Path, nargs="+", default=[ROOT / "README.md"],
-                    help="Markdown files with result blocks (default: README.md)")
+    ap.add_argument("--files", type=Path, nargs="+", default=None,
+                    help="Markdown files with result blocks (default: README.md and every "
+                         "docs/*.md with a block)")
     ap.add_argument("--check", action="store_true",
                     help="change nothing; exit 1 if a block differs from what the runs give")
     args = ap.parse_args(argv)
     if not (args.quick or args.standard or args.quadrature):
         ap.error("give --quick, --standard and/or --quadrature")
+    files = args.files if args.files is not None else default_files()
     blocks = build_blocks(args.quick, args.standard, args.quadrature)
     stale, texts, seen = [], {}, set()
-    for path in args.files:
+    for path in files:
         texts[path] = path.read_text(encoding="utf-8")
         seen |= set(BLOCK_NAMES.findall(texts[path]))
     unknown = sorted(seen - set(NAMES))
@@ -195,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"unknown result block(s) {', '.join(unknown)}; known: "
                          f"{', '.join(NAMES)}")
     for name in sorted(set(blocks) - seen):
-        print(f"note: no <!-- results:{name} --> block in {', '.join(map(str, args.files))}; "
+        print(f"note: no <!-- results:{name} --> block in {', '.join(map(str, files))}; "
               "not written")
     for path, text in texts.items():
         new, found = replace_blocks(text, blocks)
