@@ -220,6 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="embedded names or model directories (default: both embedded models)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--queries", type=int, default=24)
+    ap.add_argument("--start", type=int, default=0,
+                    help="skip the first START of the --queries queries (to split a run "
+                         "across processes; tools/results.py sums their --json files)")
     ap.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES))
     ap.add_argument("--points", nargs="+", type=int, default=list(POINTS))
     ap.add_argument("--reference-rule", choices=RULES, default="gausslegendre")
@@ -234,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    queries = pick_queries(args.dataset, args.queries)
+    queries = pick_queries(args.dataset, args.queries)[args.start:]
     device = f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()}, " \
              f"{torch.get_num_threads()} torch threads)"
     print(f"device: {device}, torch {torch.__version__}", flush=True)

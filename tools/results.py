@@ -148,8 +148,15 @@ def quadrature_block(paths: Sequence[Path]) -> str:
     import quadrature  # the benchmark script: its own summary and Markdown of its numbers
 
     data = [json.loads(p.read_text(encoding="utf-8")) for p in paths]
-    rows = quadrature.summarize([c for d in data for c in d["cells"]])
-    header = "\n\n".join(dict.fromkeys(d["header"] for d in data))
+    cells = [c for d in data for c in d["cells"]]
+    rows = quadrature.summarize(cells)
+    per_model: dict[str, set[str]] = {}
+    for c in cells:
+        per_model.setdefault(c["model"], set()).add(c["query"])
+    counts = ", ".join(f"{model}: {len(q)} queries" for model, q in per_model.items())
+    # each file's header without its own count ("N queries of ..."): the counts are the sum's
+    rest = dict.fromkeys(re.sub(r"^\d+ queries of ", "", d["header"]) for d in data)
+    header = f"{counts}; " + " / ".join(rest)
     names = ", ".join(p.name for p in paths)
     return _with_source(f"`benchmarks/quadrature.py` ({names})",
                         quadrature.markdown(rows, quadrature.verdicts(rows), header))
