@@ -34,6 +34,9 @@ old standard
 
 Between.
 
+<!-- results:convergence-standard -->
+<!-- /results:convergence-standard -->
+
 <!-- results:table1-quick -->
 old quick
 <!-- /results:table1-quick -->
@@ -98,6 +101,14 @@ def test_blocks_are_the_runs_tables_and_only_the_blocks_change(quick_run, quad_j
     assert standard.index("GPT-2 (paper)") < standard.index("LLaMA3-8b (paper)") \
         < standard.index("(quick)") < standard.index("(other)")
     assert "preset `none" not in standard and "`quick`:" in standard
+    # the completeness gap of each run, as its report summarizes it
+    from knowloc.report.convergence import convergence_summary
+
+    conv = text.split("<!-- results:convergence-standard -->")[1].split("<!-- /results")[0]
+    queries = pd.read_parquet(quick_run / "queries.parquet")
+    summary = convergence_summary(queries).set_index("method")
+    assert "| median gap |" in conv and conv.count("| ig |") == 2  # one row per run
+    assert f"{100 * summary.loc['ig', 'median_gap']:.1f}%" in conv
     # Table 2 as the run writes it, without its title line
     table2 = (quick_run / "table2.md").read_text(encoding="utf-8")
     rows = [line for line in table2.splitlines() if line.startswith("| N_")]

@@ -20,6 +20,8 @@ Blocks (a block whose input is not given is left as it is):
 
 * ``table1-standard``: Table 1 of the ``--standard`` runs beside the paper's rows
   (``knowloc compare --paper``), with n and 95% intervals;
+* ``convergence-standard``: the completeness gap of their attributions, per model and
+  method (each run's ``convergence_summary.csv``, as its report shows it);
 * ``table1-quick``, ``table2-quick``, ``table3-quick``: Tables 1, 2 and 3 of the ``--quick``
   run; ``figure4-quick``, ``figure6-quick``: the numbers behind its Figures 4 (query-KN
   mapping) and 6 (knowledge synapses), as its report shows them;
@@ -47,7 +49,7 @@ BLOCK = re.compile(r"(<!-- results:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)"
                    r"(<!-- /results:(?P=name) -->)", re.DOTALL)
 BLOCK_NAMES = re.compile(r"<!-- results:([a-z0-9-]+) -->")
 #: Every block this script writes.
-NAMES = ("table1-standard", "table1-quick", "table2-quick", "table3-quick", "figure4-quick",
+NAMES = ("table1-standard", "convergence-standard", "table1-quick", "table2-quick", "table3-quick", "figure4-quick",
          "figure6-quick", "quadrature")
 
 
@@ -85,7 +87,9 @@ def provenance(run: Path) -> str:
 
 def demote(markdown: str) -> str:
     """A run's table Markdown for inclusion under a README heading: its ``# title`` line
-    dropped, ``## subheadings`` as bold lines."""
+    dropped, ``## subheadings`` as bold lines, the directories of an absolute path after
+    "measured on" (the ΔPPL text file on the machine of the run) left out."""
+    markdown = re.sub(r"(measured on )/(?:[^/\s]+/)+", r"\1", markdown)
     lines = []
     for line in markdown.strip("\n").splitlines():
         if line.startswith("# "):
@@ -117,6 +121,26 @@ def standard_block(runs: Sequence[Path]) -> str:
             "case and no t for AMIG); [lo, hi]: 95% intervals with facts as the unit "
             "(docs/methods.md §7).")
     return _with_source(sources, compare_markdown(table) + "\n" + note)
+
+
+def convergence_block(runs: Sequence[Path]) -> str:
+    """Each run's convergence summary (its report's table), one block of rows per model."""
+    import pandas as pd
+
+    from knowloc.report.convergence import convergence_display
+    from knowloc.report.tables import markdown_table
+    from knowloc.store import RunStore
+    from knowloc.study.spec import read_spec
+
+    parts = []
+    for run in runs:
+        spec = read_spec(RunStore(run, create=False))
+        model = spec.model_info.get("name") or spec.model.get("name") or run.name
+        shown = convergence_display(pd.read_csv(run / "convergence_summary.csv"))
+        shown.insert(0, "model", [str(model)] + [""] * (len(shown) - 1))
+        parts.append(shown)
+    return _with_source("; ".join(provenance(r) for r in runs),
+                        markdown_table(pd.concat(parts, ignore_index=True)))
 
 
 def quick_blocks(run: Path) -> dict[str, str]:
@@ -170,6 +194,7 @@ def build_blocks(quick: Path | None, standard: Sequence[Path], quad: Sequence[Pa
         refresh(run)
     if standard:
         blocks["table1-standard"] = standard_block(standard)
+        blocks["convergence-standard"] = convergence_block(standard)
     if quick:
         blocks.update(quick_blocks(quick))
     if quad:
