@@ -27,8 +27,6 @@ from .attention_tables import (  # noqa: F401  (re-exported)
     KIND_ORDER,
     OPERATION_ORDER,
     SYNAPSE_ORDER,
-    _method_rank,
-    _ordered,
     figure5_table,
     figure6_table,
     synapse_effect_summary,
